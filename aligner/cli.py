@@ -1,0 +1,71 @@
+"""The ``aligner`` command: ``aligner fetch-model|convert|plan ...``.
+
+Each subcommand parses its own arguments here and calls one library function, so everything the
+CLI does is also importable. Errors the user can fix print one line and exit non-zero.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _fetch_model(argv: list[str]) -> int:
+    from aligner.models.fetch import KNOWN_MODELS, fetch_model
+
+    p = argparse.ArgumentParser(prog="aligner fetch-model", description="Download an embedded model and "
+                                "convert it to a Hugging Face directory; prints the directory.")
+    p.add_argument("name", choices=sorted(KNOWN_MODELS))
+    p.add_argument("--cache-dir", default=None, help="where models are kept (default: $ALIGNER_CACHE or ~/.cache/aligner)")
+    p.add_argument("--force", action="store_true", help="convert again even if the directory exists")
+    args = p.parse_args(argv)
+    print(fetch_model(args.name, cache_dir=args.cache_dir, force=args.force))
+    return 0
+
+
+def _convert(argv: list[str]) -> int:
+    from aligner.models.gguf import convert_gguf
+
+    p = argparse.ArgumentParser(prog="aligner convert", description="Convert a GGUF file (dequantized) into a "
+                                "Hugging Face directory: config.json, model.safetensors, tokenizer.json.")
+    p.add_argument("gguf", help="path to a .gguf file of a Llama-family model")
+    p.add_argument("output", help="directory to write (must not exist, or be empty)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    args = p.parse_args(argv)
+    print(convert_gguf(args.gguf, args.output, dtype=args.dtype))
+    return 0
+
+
+def _plan(argv: list[str]) -> int:
+    from aligner.parallel.plan import plan_main
+
+    return plan_main(argv)
+
+
+COMMANDS = {
+    "fetch-model": (_fetch_model, "download and convert an embedded model (smollm2-135m-instruct)"),
+    "convert": (_convert, "convert a GGUF file into a Hugging Face checkpoint directory"),
+    "plan": (_plan, "check a parallel layout and print per-GPU memory and step FLOPs, without starting processes"),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+        print("usage: aligner <command> [args]\n\ncommands:")
+        for name, (_, help_text) in COMMANDS.items():
+            print(f"  {name:<12} {help_text}")
+        if argv and argv[0] not in ("-h", "--help"):
+            print(f"\naligner: unknown command '{argv[0]}'", file=sys.stderr)
+            return 2
+        return 0
+    handler, _ = COMMANDS[argv[0]]
+    try:
+        return handler(argv[1:])
+    except (ValueError, FileNotFoundError, FileExistsError) as e:
+        # Input the user can fix: one line naming what was wrong, no traceback wall.
+        print(f"aligner {argv[0]}: error: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
