@@ -22,7 +22,7 @@ setup(
     ],
     extras_require={
         # transformers is only the reference the tests and benchmarks compare against.
-        "test": ["pytest>=8", "transformers>=4.46"],
+        "test": ["pytest>=8", "transformers>=4.46", "accelerate", "psutil"],
         "wandb": ["wandb"],
         "tensorboard": ["tensorboard"],
         "trtllm": ["tensorrt_llm"],
