@@ -1,0 +1,106 @@
+"""Algorithm sections and the top-level schema of each job, registered in Hydra's ConfigStore.
+
+A job schema is the shared sections (``aligner.config.schema``) plus the algorithm's own section,
+named after the algorithm (``dpo.beta``, ``ppo.kl_coef``), made by :func:`job_schema`. The YAML
+files in ``conf/`` start their defaults list with ``<algorithm>_schema`` so that Hydra types and
+checks every key against it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, make_dataclass
+from typing import Optional
+
+from hydra.core.config_store import ConfigStore
+
+from aligner.config.schema import (
+    DataConfig,
+    LoggerConfig,
+    ModelConfig,
+    OptimConfig,
+    ParallelConfig,
+    PlanConfig,
+    TrainerConfig,
+    choice,
+)
+
+
+@dataclass
+class SFTConfig:
+    """Supervised fine-tuning (loss on assistant tokens only)."""
+
+    packing: bool = False  # several examples per row, attention kept inside each
+
+
+@dataclass
+class DPOConfig:
+    """Direct preference optimisation against a frozen reference model (the initial policy)."""
+
+    beta: float = 0.1  # strength of the implicit KL to the reference
+    loss_type: str = choice("sigmoid", "sigmoid", "ipo", "hinge")
+    label_smoothing: float = 0.0  # conservative DPO: assumed fraction of flipped preference labels
+    rpo_alpha: float = 1.0  # weight of the NLL on the chosen response; 0 gives plain DPO
+
+
+@dataclass
+class PPOConfig:
+    """PPO with policy, reference, reward and critic (value) models in one job."""
+
+    kl_coef: float = 0.05  # per-token KL penalty folded into the reward
+    cliprange: float = 0.2  # policy ratio clip
+    vf_coef: float = 0.1  # value loss weight
+    cliprange_value: float = 0.2  # value prediction clip around the rollout values
+    gamma: float = 1.0  # discount
+    lam: float = 0.95  # GAE lambda
+    whiten_rewards: bool = False
+    num_ppo_epochs: int = 4  # passes over each rollout batch
+    num_mini_batches: int = 1  # optimizer steps per pass
+    local_rollout_forward_batch_size: int = 64  # sequences per no-grad forward when scoring rollouts
+    response_length: int = 53  # max generated tokens
+    temperature: float = 0.7
+    missing_eos_penalty: Optional[float] = None  # subtracted from the score of a response without EOS
+    stop_token: Optional[str] = None  # "eos" truncates responses at the first EOS
+    num_sample_generations: int = 10  # sample tables logged over the run
+    reward_model: ModelConfig = field(default_factory=ModelConfig)  # a model with a value head
+    critic: ModelConfig = field(default_factory=ModelConfig)  # path null: initialised from reward_model
+
+
+# The sections every job has, in the order the resolved config.yaml lists them.
+COMMON_SECTIONS: tuple[tuple[str, type], ...] = (
+    ("model", ModelConfig),  # the policy (and, for DPO and PPO, the reference's initial weights)
+    ("parallel", ParallelConfig),
+    ("trainer", TrainerConfig),
+    ("optim", OptimConfig),
+    ("data", DataConfig),
+    ("logger", LoggerConfig),
+    ("plan", PlanConfig),
+)
+
+
+def job_schema(class_name: str, algorithm: str, section: type) -> type:
+    """A top-level job dataclass: the common sections plus the algorithm's own under its name."""
+    fields = [(key, tp, field(default_factory=tp)) for key, tp in (*COMMON_SECTIONS, (algorithm, section))]
+    schema = make_dataclass(class_name, fields)
+    schema.__module__ = __name__  # so it pickles and reads as aligner.config.jobs.<class_name>
+    return schema
+
+
+SFTJobConfig = job_schema("SFTJobConfig", "sft", SFTConfig)
+DPOJobConfig = job_schema("DPOJobConfig", "dpo", DPOConfig)
+PPOJobConfig = job_schema("PPOJobConfig", "ppo", PPOConfig)
+
+# Algorithm name -> job schema. The name is also the schema's own section and the conf/<name>.yaml file.
+JOB_SCHEMAS: dict[str, type] = {
+    "sft": SFTJobConfig,
+    "dpo": DPOJobConfig,
+    "ppo": PPOJobConfig,
+}
+
+
+def register_job_schemas() -> None:
+    """Store every job schema in Hydra's ConfigStore as ``<algorithm>_schema`` (idempotent)."""
+    store = ConfigStore.instance()
+    for name, schema in JOB_SCHEMAS.items():
+        store.store(name=f"{name}_schema", node=schema)
+
+
+register_job_schemas()
