@@ -22,7 +22,8 @@ setup(
     ],
     extras_require={
         # transformers is only the reference the tests and benchmarks compare against.
-        "test": ["pytest>=8", "transformers>=4.46", "accelerate", "psutil"],
+        "test": ["pytest>=8", "transformers>=4.46", "accelerate", "psutil", "pyarrow", "datasets"],
+        "data": ["pyarrow", "datasets"],
         "wandb": ["wandb"],
         "tensorboard": ["tensorboard"],
         "trtllm": ["tensorrt_llm"],

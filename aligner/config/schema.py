@@ -96,6 +96,8 @@ class TrainerConfig:
     resume: str = "auto"  # auto (latest checkpoint in output_dir, if any) | never | a checkpoint path
     seed: int = 1234
     save_top_k: int = 2  # checkpoints kept (the most recent); -1 keeps all
+    val_samples: int = 4  # held-out prompts answered in the sample table at each validation; 0 = none
+    sample_max_new_tokens: int = 48  # length cap of those sample responses
 
 
 @dataclass
@@ -126,6 +128,10 @@ class DataConfig:
 
     train: Optional[str] = None
     validation: Optional[str] = None
+    validation_split: float = 0.0  # share of data.train held out for validation (seeded) when validation is null
+    overlong: str = choice("truncate", "truncate", "drop")  # examples over trainer.max_seq_len: keep the start, or drop
+    empty_response: str = choice("error", "error", "skip")  # a record whose response is empty: stop, or skip it
+    cache_dir: Optional[str] = None  # tokenized-data cache; null: $ALIGNER_CACHE/data, else ~/.cache/aligner/data
 
 
 @dataclass
@@ -140,7 +146,11 @@ class LoggerConfig:
     """Where metrics go besides ``metrics.jsonl`` (always written)."""
 
     wandb: WandbConfig = field(default_factory=WandbConfig)
-    tensorboard: bool = False
+    tensorboard: bool = False  # event files under <output_dir>/tensorboard/
+    # Steps between console lines (when stderr is not a terminal), TensorBoard and wandb points;
+    # metrics.jsonl gets every step, and val/ metrics are always forwarded.
+    log_interval: int = 10
+    progress_bar: bool = True  # step, loss, LR, tokens/s and ETA on rank 0's stderr
 
 
 @dataclass

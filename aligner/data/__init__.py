@@ -1,0 +1,18 @@
+"""Data pipeline: read and validate records, tokenize SFT chats (loss on assistant tokens), pack, collate,
+cache, and a resumable data-parallel sampler. See docs/data.md."""
+from aligner.data.collate import IGNORE_INDEX, collate, shift_labels
+from aligner.data.dataset import HoldOut, SFTData, build_sft_data, build_sft_datasets, split_records
+from aligner.data.errors import DataError
+from aligner.data.example import TokenizedExample
+from aligner.data.formats import FORMATS, ROLES, prompt_messages, sft_messages, validate_record, validate_records
+from aligner.data.packing import pack_examples
+from aligner.data.readers import read_records
+from aligner.data.sampler import ResumableDistributedSampler
+from aligner.data.sft import SFTStats, assistant_segments, tokenize_conversation, tokenize_sft
+
+__all__ = [
+    "FORMATS", "IGNORE_INDEX", "ROLES", "DataError", "HoldOut", "ResumableDistributedSampler", "SFTData", "SFTStats",
+    "TokenizedExample", "assistant_segments", "build_sft_data", "build_sft_datasets", "collate", "pack_examples",
+    "prompt_messages", "read_records", "sft_messages", "shift_labels", "split_records", "tokenize_conversation",
+    "tokenize_sft", "validate_record", "validate_records",
+]
