@@ -1,4 +1,4 @@
-"""The ``aligner`` command: ``aligner fetch-model|convert|plan ...``.
+"""The ``aligner`` command: ``aligner train|export-hf|fetch-model|convert|plan ...``.
 
 Each subcommand parses its own arguments here and calls one library function, so everything the
 CLI does is also importable. Errors the user can fix print one line and exit non-zero.
@@ -6,7 +6,12 @@ CLI does is also importable. Errors the user can fix print one line and exit non
 from __future__ import annotations
 
 import argparse
+import importlib
+import os
 import sys
+
+# Algorithm name -> module whose main(argv) runs it (the same as examples/train_<name>.py).
+TRAINERS = {"sft": "aligner.trainers.sft"}
 
 
 def _fetch_model(argv: list[str]) -> int:
@@ -35,6 +40,31 @@ def _convert(argv: list[str]) -> int:
     return 0
 
 
+def _train(argv: list[str]) -> int:
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in TRAINERS:
+        print(f"usage: aligner train {{{','.join(TRAINERS)}}} [CONFIG.yaml] [key=value ...]\n\n"
+              f"Runs the algorithm's trainer (also under torchrun / srun); overrides use Hydra's key=value "
+              f"syntax, see docs/configuration.md.")
+        if argv and argv[0] not in ("-h", "--help"):
+            raise ValueError(f"unknown algorithm '{argv[0]}'; choose one of {', '.join(TRAINERS)}")
+        return 0
+    return importlib.import_module(TRAINERS[argv[0]]).main(argv[1:])
+
+
+def _export_hf(argv: list[str]) -> int:
+    from aligner.checkpoint import export_hf
+
+    p = argparse.ArgumentParser(prog="aligner export-hf", description="Write a training checkpoint as a Hugging "
+                                "Face directory (config.json, safetensors, tokenizer) that transformers loads.")
+    p.add_argument("checkpoint", help="a checkpoint directory, e.g. outputs/checkpoints/step_100")
+    p.add_argument("output", help="directory to write")
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                   help="dtype of the written weights (default: as trained)")
+    args = p.parse_args(argv)
+    print(export_hf(args.checkpoint, args.output, dtype=args.dtype))
+    return 0
+
+
 def _plan(argv: list[str]) -> int:
     from aligner.parallel.plan import plan_main
 
@@ -42,6 +72,8 @@ def _plan(argv: list[str]) -> int:
 
 
 COMMANDS = {
+    "train": (_train, "train with an algorithm: aligner train sft [CONFIG.yaml] [key=value ...]"),
+    "export-hf": (_export_hf, "export a training checkpoint as a Hugging Face directory"),
     "fetch-model": (_fetch_model, "download and convert an embedded model (smollm2-135m-instruct)"),
     "convert": (_convert, "convert a GGUF file into a Hugging Face checkpoint directory"),
     "plan": (_plan, "check a parallel layout and print per-GPU memory and step FLOPs, without starting processes"),
@@ -62,8 +94,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return handler(argv[1:])
     except (ValueError, FileNotFoundError, FileExistsError) as e:
-        # Input the user can fix: one line naming what was wrong, no traceback wall.
-        print(f"aligner {argv[0]}: error: {e}", file=sys.stderr)
+        # Input the user can fix: one line naming what was wrong, no traceback wall. Every rank of a
+        # multi-process job sees the same error; rank 0 says it.
+        if os.environ.get("RANK", "0") == "0":
+            print(f"aligner {argv[0]}: error: {e}", file=sys.stderr)
         return 1
 
 

@@ -117,3 +117,11 @@ def fetch_gguf(name: str, cache_dir: str | os.PathLike | None = None) -> Path:
 def smollm2_path(cache_dir: str | os.PathLike | None = None) -> Path:
     """The converted SmolLM2-135M-Instruct directory (fetched on first use); for tests and examples."""
     return fetch_model("smollm2-135m-instruct", cache_dir=cache_dir)
+
+
+def resolve_model_path(path: str | os.PathLike) -> Path:
+    """``model.path`` as a directory: an embedded model's name (``smollm2-135m-instruct``) is fetched
+    into the cache on first use; anything else is taken as a checkpoint directory."""
+    if str(path) in KNOWN_MODELS and not Path(path).exists():
+        return fetch_model(str(path))
+    return Path(path)
