@@ -48,6 +48,13 @@ class SFTBatches:
         self.sampler.load_state_dict(state)
 
 
+def real_tokens(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Tokens the step processed, padding excluded (packed rows count whole: their padding is a sliver)."""
+    if "attention_mask" in batch:
+        return batch["attention_mask"].sum()
+    return torch.tensor(batch["tokens"].numel())
+
+
 def validation_share(n: int, dp_rank: int, dp_size: int) -> list[int]:
     """This rank's validation indices, strided; every rank gets the same count (-1 = a no-loss filler),
     because ranks must run the same number of forwards (FSDP gathers inside each)."""
@@ -92,8 +99,7 @@ def train_sft(cfg) -> dict[str, float]:
                                           cfg.trainer.global_batch_size, seed=cfg.trainer.seed)
     batches = SFTBatches(train_data, sampler)
     loss_fn = SFTLoss()
-    hooks = Hooks(step_tokens=lambda batch: float(sum_over(
-        (batch["labels"] != -100).sum(), policy.pmesh["dp"])))
+    hooks = Hooks(step_tokens=lambda batch: float(sum_over(real_tokens(batch), policy.pmesh["dp"])))
     if val_data is not None:
         hooks.validate = build_validation(run, policy, val_data, loss_fn)
         prompts = val_data.prompts(cfg.trainer.val_samples)
