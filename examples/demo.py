@@ -40,7 +40,7 @@ def main() -> None:
     print(f"2. SFT on examples/data/sft_train.jsonl, FSDP over {args.nproc} processes ...", flush=True)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(args.nproc),
            "--master_addr", "127.0.0.1", "--master_port", "29533", str(REPO / "examples" / "train_sft.py"),
-           f"model.path={model_dir}", f"parallel.dp_shard={args.nproc}", f"trainer.output_dir={out}",
+           f"model.path={model_dir}", "model.arch=null", f"parallel.dp_shard={args.nproc}", f"trainer.output_dir={out}",
            f"trainer.max_steps={args.steps}", "trainer.global_batch_size=8", "trainer.micro_batch_size=4",
            f"trainer.val_check_interval={max(1, args.steps // 2)}", f"trainer.save_interval={args.steps}",
            "trainer.val_samples=4", "trainer.sample_max_new_tokens=24", "optim.lr=2e-5", "logger.log_interval=1"]

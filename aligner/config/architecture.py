@@ -37,7 +37,7 @@ def architecture_dict(model: ModelConfig, section: str = "model") -> dict[str, A
                 if key in inline and key in hf and inline[key] != hf[key]:
                     raise ValueError(
                         f"{section}.arch.{key}={inline[key]} disagrees with {key}={hf[key]} in {config_json}; "
-                        f"remove {section}.arch (the checkpoint decides) or point {section}.path elsewhere")
+                        f"pass {section}.arch=null to let the checkpoint decide, or point {section}.path elsewhere")
         return hf
     if model.arch is not None:
         return arch_to_hf_dict(model.arch)

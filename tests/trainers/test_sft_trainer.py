@@ -35,7 +35,7 @@ def tiny_dir(tmp_path_factory) -> Path:
 
 def base_overrides(model_dir: Path, out: Path, **extra) -> list[str]:
     kw = {
-        "model.path": str(model_dir), "data.train": str(TRAIN), "data.validation": str(VAL),
+        "model.path": str(model_dir), "model.arch": "null", "data.train": str(TRAIN), "data.validation": str(VAL),
         "trainer.output_dir": str(out), "trainer.global_batch_size": 4, "trainer.micro_batch_size": 2,
         "trainer.max_seq_len": 128, "trainer.max_steps": 6, "trainer.save_interval": 3,
         "trainer.val_check_interval": 3, "trainer.val_samples": 0, "optim.lr": 1e-3,
@@ -177,7 +177,7 @@ def test_bad_inputs_fail_with_named_errors_and_leave_checkpoints_untouched(tiny_
 @pytest.mark.slow
 def test_sft_of_smollm2_lowers_validation_loss(tmp_path):
     out = tmp_path / "smol"
-    run_sft([f"model.path={fetch_model('smollm2-135m-instruct')}", f"data.train={TRAIN}", f"data.validation={VAL}",
+    run_sft([f"model.path={fetch_model('smollm2-135m-instruct')}", "model.arch=null", f"data.train={TRAIN}", f"data.validation={VAL}",
              f"trainer.output_dir={out}", "trainer.global_batch_size=8", "trainer.micro_batch_size=4",
              "trainer.max_seq_len=256", "trainer.max_steps=6", "trainer.val_check_interval=6",
              "trainer.save_interval=100", "trainer.val_samples=2", "trainer.sample_max_new_tokens=16",
