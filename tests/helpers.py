@@ -36,9 +36,20 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+RENDEZVOUS_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "MASTER_ADDR",
+                   "MASTER_PORT", "TORCHELASTIC_RUN_ID")
+
+
+def subprocess_env(**extra: str) -> dict[str, str]:
+    """This environment minus any rendezvous variables (a child must start its own), plus ``extra``."""
+    env = {k: v for k, v in os.environ.items() if k not in RENDEZVOUS_VARS}
+    env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), **extra)
+    return env
+
+
 def run_torchrun(script: str | Path, nproc: int, *args: str, timeout: int = 300) -> str:
     """Run ``script`` under ``torchrun --nproc_per_node nproc`` on gloo; return its output, fail with it."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    env = subprocess_env()
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
            "--master_addr", "127.0.0.1", "--master_port", str(free_port()), str(script), *args]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)

@@ -103,14 +103,16 @@ def init_distributed(backend: str | None = None) -> tuple[int, int]:
         return dist.get_rank(), dist.get_world_size()
     if "RANK" not in os.environ and "SLURM_PROCID" in os.environ and "SLURM_NTASKS" in os.environ:
         _env_from_slurm()
-    if "RANK" not in os.environ:
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
-                          MASTER_PORT=str(_free_port()))
     if backend is None:
         backend = "nccl" if torch.cuda.is_available() else "gloo"
     if backend == "nccl":
-        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-    dist.init_process_group(backend=backend)
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    if "RANK" not in os.environ:
+        # A world of one on a private loopback store. Nothing goes into os.environ: child processes
+        # (torchrun launches, tests) must not inherit a rendezvous that points at this process.
+        dist.init_process_group(backend=backend, init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
+    else:
+        dist.init_process_group(backend=backend)
     return dist.get_rank(), dist.get_world_size()
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import REPO, free_port, tiny_model
+from helpers import REPO, free_port, subprocess_env, tiny_model
 
 from aligner.models.fetch import fetch_model
 from aligner.models.hf import save_hf_checkpoint
@@ -46,7 +46,7 @@ def base_overrides(model_dir: Path, out: Path, **extra) -> list[str]:
 
 
 def run_sft(overrides: list[str], nproc: int = 1, check: bool = True, timeout: int = 600) -> subprocess.CompletedProcess:
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    env = subprocess_env()
     if nproc == 1:
         cmd = [sys.executable, str(ENTRY), *overrides]
     else:
@@ -107,7 +107,7 @@ def test_sigterm_saves_and_exits_zero_then_resume_continues(tiny_dir, tmp_path):
     out = tmp_path / "preempted"
     keep = {"trainer.save_interval": 1000, "trainer.val_check_interval": 1000}
     overrides = base_overrides(tiny_dir, out, **keep, **{"trainer.max_steps": 200})
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    env = subprocess_env()
     proc = subprocess.Popen([sys.executable, str(ENTRY), *overrides], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + 240
