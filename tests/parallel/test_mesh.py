@@ -30,14 +30,14 @@ def test_first_slurm_host(nodelist, first):
 
 
 def test_slurm_variables_become_torchrun_variables(monkeypatch):
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        monkeypatch.delenv(key, raising=False)
-    monkeypatch.setenv("SLURM_PROCID", "13")
-    monkeypatch.setenv("SLURM_NTASKS", "16")
-    monkeypatch.setenv("SLURM_LOCALID", "5")
-    monkeypatch.setenv("SLURM_JOB_NODELIST", "gpu[007-008]")
-    monkeypatch.setenv("SLURM_JOB_ID", "123456")
+    # A private copy of the environment: the variables set here must not leak into later tests,
+    # where a RANK would make init_distributed wait for a rendezvous that never comes.
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    env.update(SLURM_PROCID="13", SLURM_NTASKS="16", SLURM_LOCALID="5", SLURM_JOB_NODELIST="gpu[007-008]",
+               SLURM_JOB_ID="123456")
+    monkeypatch.setattr(os, "environ", env)
     _env_from_slurm()
-    assert (os.environ["RANK"], os.environ["WORLD_SIZE"], os.environ["LOCAL_RANK"]) == ("13", "16", "5")
-    assert os.environ["MASTER_ADDR"] == "gpu007"
-    assert os.environ["MASTER_PORT"] == str(20000 + 123456 % 20000)
+    assert (env["RANK"], env["WORLD_SIZE"], env["LOCAL_RANK"]) == ("13", "16", "5")
+    assert env["MASTER_ADDR"] == "gpu007"
+    assert env["MASTER_PORT"] == str(20000 + 123456 % 20000)
