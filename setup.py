@@ -27,6 +27,8 @@ setup(
         "wandb": ["wandb"],
         "tensorboard": ["tensorboard"],
         "trtllm": ["tensorrt_llm"],
+        # bench/sft_step.py and bench/dpo_step.py measure against TRL's trainers (the version RESULTS.md used).
+        "bench": ["trl==1.16.0", "transformers>=4.46", "accelerate", "datasets"],
     },
     entry_points={"console_scripts": ["aligner=aligner.cli:main"]},
     include_package_data=True,

@@ -1,4 +1,4 @@
-"""The ``aligner`` command: ``aligner train|export-hf|fetch-model|convert|plan ...``.
+"""The ``aligner`` command: ``aligner train|generate|score|export-hf|fetch-model|convert|plan ...``.
 
 Each subcommand parses its own arguments here and calls one library function, so everything the
 CLI does is also importable. Errors the user can fix print one line and exit non-zero.
@@ -11,7 +11,8 @@ import os
 import sys
 
 # Algorithm name -> module whose main(argv) runs it (the same as examples/train_<name>.py).
-TRAINERS = {"sft": "aligner.trainers.sft"}
+TRAINERS = {"sft": "aligner.trainers.sft", **{name: "aligner.trainers.preference"
+                                              for name in ("rm", "dpo", "kto", "cpo", "orpo", "simpo")}}
 
 
 def _fetch_model(argv: list[str]) -> int:
@@ -48,7 +49,10 @@ def _train(argv: list[str]) -> int:
         if argv and argv[0] not in ("-h", "--help"):
             raise ValueError(f"unknown algorithm '{argv[0]}'; choose one of {', '.join(TRAINERS)}")
         return 0
-    return importlib.import_module(TRAINERS[argv[0]]).main(argv[1:])
+    module = importlib.import_module(TRAINERS[argv[0]])
+    if module.__name__ == "aligner.trainers.preference":  # one loop, several algorithms
+        return module.main(argv[1:], algorithm=argv[0])
+    return module.main(argv[1:])
 
 
 def _export_hf(argv: list[str]) -> int:
@@ -65,6 +69,18 @@ def _export_hf(argv: list[str]) -> int:
     return 0
 
 
+def _generate(argv: list[str]) -> int:
+    from aligner.generation.cli import main as generate_main
+
+    return generate_main(argv)
+
+
+def _score(argv: list[str]) -> int:
+    from aligner.trainers.score import main as score_main
+
+    return score_main(argv)
+
+
 def _plan(argv: list[str]) -> int:
     from aligner.parallel.plan import plan_main
 
@@ -73,6 +89,8 @@ def _plan(argv: list[str]) -> int:
 
 COMMANDS = {
     "train": (_train, "train with an algorithm: aligner train sft [CONFIG.yaml] [key=value ...]"),
+    "generate": (_generate, "sample responses for a prompts file: aligner generate data.prompts=F.jsonl output=OUT.jsonl"),
+    "score": (_score, "add a reward model's score to each record: aligner score RM_DIR data.jsonl [-o OUT.jsonl]"),
     "export-hf": (_export_hf, "export a training checkpoint as a Hugging Face directory"),
     "fetch-model": (_fetch_model, "download and convert an embedded model (smollm2-135m-instruct)"),
     "convert": (_convert, "convert a GGUF file into a Hugging Face checkpoint directory"),
@@ -93,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     handler, _ = COMMANDS[argv[0]]
     try:
         return handler(argv[1:])
-    except (ValueError, FileNotFoundError, FileExistsError) as e:
+    except (ValueError, FileNotFoundError, FileExistsError, ImportError) as e:
         # Input the user can fix: one line naming what was wrong, no traceback wall. Every rank of a
         # multi-process job sees the same error; rank 0 says it.
         if os.environ.get("RANK", "0") == "0":

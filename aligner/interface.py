@@ -22,6 +22,9 @@ import torch
 class LossFn(Protocol):
     """A loss as a sum over units (loss tokens for SFT, pairs for DPO); the model divides by their global count."""
 
+    # Optional attribute ``rows_per_example`` (default 1): rows that form one example and must stay in one
+    # micro-batch, e.g. 2 for a DPO pair (chosen and rejected rows interleaved). Micro-batch sizes count examples.
+
     def num_units(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """How many units the loss averages over in ``batch`` (a micro-batch): a 0-d tensor,
         e.g. ``(batch["labels"] != -100).sum()``."""
@@ -80,12 +83,17 @@ class Alignable(Protocol):
         """Offload optimizer state to CPU memory when ``parallel.optimizer_offload`` is set."""
         ...
 
+    def generate(self, prompts: list[list[int]], sampling: Any = None) -> Any:
+        """Sample responses to this rank's prompts (token ids) with the rollout engine on the current weights:
+        an ``aligner.generation.Rollouts`` for ``SamplingParams`` ``sampling`` (default: the job's)."""
+        ...
+
     def prepare_for_inference(self) -> None:
-        """Eval mode (the rollout engine's weight refit joins here later)."""
+        """Eval mode; the rollout engine's memory back and its weights refit after training changed them."""
         ...
 
     def finish_inference(self) -> None:
-        """Back to train mode."""
+        """Release the rollout engine's memory; back to train mode."""
         ...
 
     def state_dict(self) -> dict[str, Any]:

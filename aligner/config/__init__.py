@@ -8,8 +8,15 @@ from aligner.config.architecture import arch_to_hf_dict, architecture_dict
 from aligner.config.errors import ConfigError
 from aligner.config.jobs import (
     JOB_SCHEMAS,
+    REFERENCE_MODES,
+    CPOConfig,
+    KTOConfig,
+    ORPOConfig,
+    RMConfig,
+    SimPOConfig,
     DPOConfig,
     DPOJobConfig,
+    GenerateJobConfig,
     PPOConfig,
     PPOJobConfig,
     SFTConfig,
@@ -21,6 +28,7 @@ from aligner.config.load import available_configs, conf_dir, config_to_yaml, loa
 from aligner.config.schema import (
     ArchConfig,
     DataConfig,
+    GenerationConfig,
     LoggerConfig,
     ModelConfig,
     OptimConfig,
@@ -28,13 +36,14 @@ from aligner.config.schema import (
     PlanConfig,
     SchedulerConfig,
     TrainerConfig,
+    TrtLlmConfig,
     WandbConfig,
 )
 
 __all__ = [
-    "JOB_SCHEMAS", "ArchConfig", "ConfigError", "DPOConfig", "DPOJobConfig", "DataConfig", "LoggerConfig",
-    "ModelConfig", "OptimConfig", "PPOConfig", "PPOJobConfig", "ParallelConfig", "PlanConfig", "SFTConfig",
-    "SFTJobConfig", "SchedulerConfig", "TrainerConfig", "WandbConfig", "arch_to_hf_dict", "architecture_dict",
-    "available_configs", "conf_dir", "config_to_yaml", "job_schema", "load_config", "register_job_schemas",
-    "save_resolved_config",
+    "JOB_SCHEMAS", "REFERENCE_MODES", "CPOConfig", "KTOConfig", "ORPOConfig", "RMConfig", "SimPOConfig", "ArchConfig", "ConfigError", "DPOConfig", "DPOJobConfig", "DataConfig", "GenerateJobConfig",
+    "GenerationConfig", "LoggerConfig", "ModelConfig", "OptimConfig", "PPOConfig", "PPOJobConfig", "ParallelConfig",
+    "PlanConfig", "SFTConfig", "SFTJobConfig", "SchedulerConfig", "TrainerConfig", "TrtLlmConfig", "WandbConfig",
+    "arch_to_hf_dict", "architecture_dict", "available_configs", "conf_dir", "config_to_yaml", "job_schema",
+    "load_config", "register_job_schemas", "save_resolved_config",
 ]

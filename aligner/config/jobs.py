@@ -14,6 +14,7 @@ from hydra.core.config_store import ConfigStore
 
 from aligner.config.schema import (
     DataConfig,
+    GenerationConfig,
     LoggerConfig,
     ModelConfig,
     OptimConfig,
@@ -31,6 +32,19 @@ class SFTConfig:
     packing: bool = False  # several examples per row, attention kept inside each
 
 
+# How a frozen reference model (the initial policy) is evaluated: its log-probs of the whole training and
+# validation data in one no-grad pass before step 1, or each step with the initial weights swapped in from
+# CPU memory (no extra pass, one more forward per step).
+REFERENCE_MODES = ("precompute", "on_the_fly")
+
+
+@dataclass
+class RMConfig:
+    """Reward model: a value head on the policy architecture, Bradley-Terry loss on preference pairs."""
+
+    margin: bool = True  # subtract the record's "margin" column (when present) inside the Bradley-Terry loss
+
+
 @dataclass
 class DPOConfig:
     """Direct preference optimisation against a frozen reference model (the initial policy)."""
@@ -38,7 +52,45 @@ class DPOConfig:
     beta: float = 0.1  # strength of the implicit KL to the reference
     loss_type: str = choice("sigmoid", "sigmoid", "ipo", "hinge")
     label_smoothing: float = 0.0  # conservative DPO: assumed fraction of flipped preference labels
-    rpo_alpha: float = 1.0  # weight of the NLL on the chosen response; 0 gives plain DPO
+    rpo_alpha: float = 1.0  # weight of the NLL on the chosen response (ms-swift's default); 0 gives plain DPO
+    reference: str = choice("precompute", *REFERENCE_MODES)
+
+
+@dataclass
+class KTOConfig:
+    """KTO on (prompt, completion, desirable?) records against a frozen reference model."""
+
+    beta: float = 0.1
+    desirable_weight: float = 1.0
+    undesirable_weight: float = 1.0
+    reference: str = choice("precompute", *REFERENCE_MODES)
+
+
+@dataclass
+class CPOConfig:
+    """Contrastive preference optimisation: reference-free DPO-like loss plus NLL on the chosen response."""
+
+    beta: float = 0.1
+    loss_type: str = choice("sigmoid", "sigmoid", "hinge", "ipo")  # ipo works on length-averaged log-probs
+    label_smoothing: float = 0.0
+    cpo_alpha: float = 1.0  # weight of the NLL on the chosen response
+
+
+@dataclass
+class ORPOConfig:
+    """Odds-ratio preference optimisation: NLL on chosen plus ``beta`` (ORPO's lambda) times the odds-ratio loss."""
+
+    beta: float = 0.1
+
+
+@dataclass
+class SimPOConfig:
+    """SimPO: length-normalised, reference-free, with a target margin ``gamma``."""
+
+    beta: float = 2.0
+    gamma: float = 1.0  # target reward margin
+    label_smoothing: float = 0.0
+    cpo_alpha: float = 1.0  # weight of CPO's NLL on the chosen response (ms-swift's default); 0 is original SimPO
 
 
 @dataclass
@@ -84,15 +136,38 @@ def job_schema(class_name: str, algorithm: str, section: type) -> type:
     return schema
 
 
+@dataclass
+class GenerateJobConfig:
+    """``aligner generate``: sample responses to ``data.prompts`` with the rollout engine and write them as
+    JSON Lines. No training sections: the job only reads a model and writes one file."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    data: DataConfig = field(default_factory=DataConfig)  # data.prompts: the prompt records
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+    output: Optional[str] = None  # JSONL to write; null: <prompts file>.generations.jsonl beside the prompts
+
+
 SFTJobConfig = job_schema("SFTJobConfig", "sft", SFTConfig)
 DPOJobConfig = job_schema("DPOJobConfig", "dpo", DPOConfig)
+RMJobConfig = job_schema("RMJobConfig", "rm", RMConfig)
+KTOJobConfig = job_schema("KTOJobConfig", "kto", KTOConfig)
+CPOJobConfig = job_schema("CPOJobConfig", "cpo", CPOConfig)
+ORPOJobConfig = job_schema("ORPOJobConfig", "orpo", ORPOConfig)
+SimPOJobConfig = job_schema("SimPOJobConfig", "simpo", SimPOConfig)
 PPOJobConfig = job_schema("PPOJobConfig", "ppo", PPOConfig)
 
 # Algorithm name -> job schema. The name is also the schema's own section and the conf/<name>.yaml file.
 JOB_SCHEMAS: dict[str, type] = {
     "sft": SFTJobConfig,
     "dpo": DPOJobConfig,
+    "rm": RMJobConfig,
+    "kto": KTOJobConfig,
+    "cpo": CPOJobConfig,
+    "orpo": ORPOJobConfig,
+    "simpo": SimPOJobConfig,
     "ppo": PPOJobConfig,
+    "generate": GenerateJobConfig,
 }
 
 

@@ -7,10 +7,12 @@ of values declares it with :func:`choice`; ``aligner.config.load`` checks those 
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, Optional
 
 from omegaconf import MISSING
+
+from aligner.generation.engine import SamplingParams
 
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -128,9 +130,12 @@ class DataConfig:
 
     train: Optional[str] = None
     validation: Optional[str] = None
+    prompts: Optional[str] = None  # prompt records ({"prompt": ..., <extra columns>}) for generation and online RL
     validation_split: float = 0.0  # share of data.train held out for validation (seeded) when validation is null
     overlong: str = choice("truncate", "truncate", "drop")  # examples over trainer.max_seq_len: keep the start, or drop
     empty_response: str = choice("error", "error", "skip")  # a record whose response is empty: stop, or skip it
+    # A preference pair whose chosen equals its rejected (same rendered text): stop, or skip it (counted).
+    identical_pairs: str = choice("error", "error", "skip")
     cache_dir: Optional[str] = None  # tokenized-data cache; null: $ALIGNER_CACHE/data, else ~/.cache/aligner/data
 
 
@@ -160,3 +165,47 @@ class PlanConfig:
     gpu_memory_gib: float = 80.0  # per-GPU memory the plan is checked against (H100/A100 80 GB)
     # SDPA's flash / memory-efficient kernels keep no [T, T] score matrix; set true for the math kernel.
     attention_scores_in_memory: bool = False
+
+
+def _sampling_default(name: str) -> Any:
+    """A ``field`` whose default is ``SamplingParams``'s, so each sampling default is written once."""
+    default = getattr(SamplingParams(), name)
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(getattr(SamplingParams(), name)))
+    return field(default=default)
+
+
+@dataclass
+class TrtLlmConfig:
+    """Settings only the TensorRT-LLM backend reads (``generation.backend=trtllm``, docs/generation.md)."""
+
+    tensor_parallel_size: int = -1  # GPUs per TensorRT-LLM instance; -1: the training layout's parallel.tp
+    kv_cache_memory_fraction: float = 0.5  # share of free GPU memory its KV cache takes; lower it beside training
+    refit_bucket_mb: int = 1024  # weights sent per update_weights call during a refit (bounds the extra memory)
+
+
+@dataclass
+class GenerationConfig:
+    """The rollout engine and how it samples. The sampling defaults are ``SamplingParams``'s: pure sampling,
+    as RL training needs (docs/generation.md explains why top-k, top-p and a minimum length are off)."""
+
+    backend: str = choice("torch", "torch", "trtllm")  # built-in KV-cache engine, or TensorRT-LLM (GPU container)
+    max_batch_size: int = 64  # sequences decoded at once (KV-cache slots); finished slots take waiting prompts
+    compile: bool = True  # torch.compile the decode step (CUDA graphs on GPU; TensorRT-LLM: its CUDA graphs)
+    dtype: str = choice("auto", "auto", *DTYPES)  # auto: bfloat16 where the device supports it, else model.dtype
+    temperature: float = _sampling_default("temperature")  # 0 = greedy
+    top_k: int = _sampling_default("top_k")  # 0 = off
+    top_p: float = _sampling_default("top_p")  # 1.0 = off
+    max_new_tokens: int = _sampling_default("max_new_tokens")
+    min_new_tokens: int = _sampling_default("min_new_tokens")  # 0 = off
+    stop_token_ids: list[int] = _sampling_default("stop_token_ids")  # besides the tokenizer's EOS
+    stop_strings: list[str] = _sampling_default("stop_strings")  # checked on the decoded response
+    n: int = _sampling_default("n")  # samples per prompt
+    seed: Optional[int] = _sampling_default("seed")  # null: unseeded
+    ignore_eos: bool = _sampling_default("ignore_eos")  # always generate max_new_tokens (benchmarks)
+    trtllm: TrtLlmConfig = field(default_factory=TrtLlmConfig)
+
+    def sampling_params(self) -> SamplingParams:
+        """These settings as the engines' :class:`SamplingParams` (validated there: a bad value raises
+        ``ValueError`` naming the ``generation.*`` key)."""
+        return SamplingParams(**{f.name: getattr(self, f.name) for f in fields(SamplingParams)})

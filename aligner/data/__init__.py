@@ -16,3 +16,20 @@ __all__ = [
     "prompt_messages", "read_records", "sft_messages", "shift_labels", "split_records", "tokenize_conversation",
     "tokenize_sft", "validate_record", "validate_records",
 ]
+
+# Preference (RM, DPO family) and KTO data; see docs/data.md "Preference and KTO data".
+from aligner.data.preference import KTOStats, PreferenceStats, tokenize_kto, tokenize_preference  # noqa: E402
+from aligner.data.preference_dataset import (  # noqa: E402
+    KTOData,
+    PreferenceData,
+    build_kto_data,
+    build_kto_datasets,
+    build_preference_data,
+    build_preference_datasets,
+    seeded_derangement,
+)
+
+__all__ += [
+    "KTOData", "KTOStats", "PreferenceData", "PreferenceStats", "build_kto_data", "build_kto_datasets",
+    "build_preference_data", "build_preference_datasets", "seeded_derangement", "tokenize_kto", "tokenize_preference",
+]

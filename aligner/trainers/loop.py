@@ -104,6 +104,7 @@ class Hooks:
     validate: Callable[[int], dict[str, float]] | None = None  # step -> {"val/...": value}
     samples: Callable[[int], None] | None = None  # step -> prints and saves a sample table
     step_tokens: Callable[[dict[str, torch.Tensor]], float] | None = None  # tokens in the global batch
+    train_metrics: Callable[[dict[str, float]], dict[str, float]] | None = None  # finishes train_step's metrics
 
 
 def run_training(run: Run, policy: Alignable, batches: BatchSource, loss_fn: LossFn, hooks: Hooks,
@@ -148,14 +149,17 @@ def run_training(run: Run, policy: Alignable, batches: BatchSource, loss_fn: Los
     saved_at = state["step"]
     policy.prepare_for_training()
     while state["step"] < total:
-        batch = batches.next_batch()
+        # The clock includes making the batch: for DPO/KTO that holds reference and KL forwards.
         start = time.perf_counter()
+        batch = batches.next_batch()
         train_metrics = policy.train_step(batch, loss_fn)
         elapsed = time.perf_counter() - start
         state["step"] += 1
         state["consumed_samples"] += tcfg.global_batch_size
         step = state["step"]
         tokens = hooks.step_tokens(batch) if hooks.step_tokens is not None else float("nan")
+        if hooks.train_metrics is not None:
+            train_metrics = hooks.train_metrics(train_metrics)
         metrics = {f"train/{k}": v for k, v in train_metrics.items()}
         metrics["train/tokens_per_sec"] = tokens / elapsed if elapsed > 0 else math.nan
         metrics["train/consumed_samples"] = float(state["consumed_samples"])

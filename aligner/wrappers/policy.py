@@ -26,6 +26,7 @@ from torch.distributed.tensor import DTensor
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from aligner.config import architecture_dict
+from aligner.generation.engine import Rollouts, SamplingParams
 from aligner.interface import LossFn
 from aligner.models import config_from_hf
 from aligner.parallel import ParallelMesh, build_parallel_model
@@ -38,6 +39,7 @@ from aligner.parallel.pipeline import (
 )
 from aligner.wrappers.batching import num_rows, pipeline_runs, split_rows, trim_trailing_padding
 from aligner.wrappers.optimizer import LRSchedule, build_optimizer, clip_grad_norm, move_optimizer_state
+from aligner.wrappers.rollout import PolicyRolloutEngine
 
 # The optimizer state dict is flattened to ``state.<fqn>.exp_avg`` keys: the same keys whichever stage,
 # tensor shard or data-parallel rank holds a parameter, so checkpoints load at any layout.
@@ -93,6 +95,15 @@ def _concat(results: list[Any]) -> Any:
     return tree_unflatten(leaves, spec)
 
 
+def _rows_per_example(loss_fn: LossFn) -> int:
+    """Rows of the batch that form one example and must share a micro-batch (``loss_fn.rows_per_example``,
+    e.g. 2 for a DPO pair); ``trainer.micro_batch_size`` counts examples."""
+    group = int(getattr(loss_fn, "rows_per_example", 1))
+    if group < 1:
+        raise ValueError(f"{type(loss_fn).__name__}.rows_per_example={group} must be >= 1")
+    return group
+
+
 class PolicyModel:
     """A causal LM (``model.path`` checkpoint or ``model.arch`` random init) trained with AdamW at the
     layout of ``job_cfg.parallel``; implements :class:`aligner.interface.Alignable`.
@@ -102,8 +113,9 @@ class PolicyModel:
     ``pmesh``, ``dp_rank``, ``dp_size``, ``config`` (TransformerConfig), ``device``.
     """
 
-    def __init__(self, job_cfg: Any, pmesh: ParallelMesh):
+    def __init__(self, job_cfg: Any, pmesh: ParallelMesh, value_head: bool = False):
         self.job_cfg = job_cfg
+        self.value_head = value_head  # a scalar head (reward model): "logits" handed to losses are [b, T, 1]
         self.pmesh = pmesh
         dims = pmesh.dims
         p, t = job_cfg.parallel, job_cfg.trainer
@@ -118,7 +130,7 @@ class PolicyModel:
         self._reports_metrics = pmesh["tp"].get_local_rank() == 0 and pmesh["pp"].get_local_rank() == 0
         config = config_from_hf(architecture_dict(job_cfg.model), source="model")
         source = job_cfg.model.path if job_cfg.model.path else config
-        build = dict(dtype=job_cfg.model.dtype, seed=t.seed, value_head=False,
+        build = dict(dtype=job_cfg.model.dtype, seed=t.seed, value_head=value_head,
                      activation_checkpointing=p.activation_checkpointing, mixed_precision=p.mixed_precision,
                      sequence_parallel=p.sequence_parallel)
         self.pp_size = dims.pp
@@ -143,6 +155,7 @@ class PolicyModel:
         self.scheduler = LRSchedule(self.optimizer, job_cfg.optim)
         self.optimizer_offload = p.optimizer_offload
         self._state_offloaded = False
+        self.rollout = PolicyRolloutEngine(self)  # the rollout engine, built on the first generate
 
     # ----------------------------------------------------------------- schedule length
     @property
@@ -165,12 +178,13 @@ class PolicyModel:
         self._onload_optimizer_state()
         for stage in self.stages:
             stage.train()
-        micro = split_rows(batch, self.micro_batch_size)
+        rows = self.micro_batch_size * _rows_per_example(loss_fn)
+        micro = split_rows(batch, rows)
         n_units = self._global_units(micro, loss_fn)
         # float32 in the graph (a float64 divisor would promote the backward of the loss scalar).
         divisor, scale = n_units.float(), float(self.dp_size)
         if self.pp_size > 1:
-            sums = self._pipeline_train(batch, loss_fn, divisor, scale)
+            sums = self._pipeline_train(batch, loss_fn, divisor, scale, _rows_per_example(loss_fn))
         else:
             sums: dict[str, torch.Tensor] = {}
             for i, mb in enumerate(micro):
@@ -184,6 +198,7 @@ class PolicyModel:
         grad_norm = clip_grad_norm(self.model.parameters(), self.job_cfg.optim.clip_grad, self._pp_group,
                                    tied_copies=self._tied_copies)
         self.optimizer.step()
+        self.rollout.weights_changed()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         out = self._reduce_metrics(sums, n_units)
@@ -194,7 +209,8 @@ class PolicyModel:
     def eval_step(self, batch: dict[str, Any], loss_fn: LossFn) -> dict[str, float]:
         """Loss and metrics of ``batch`` without gradients, normalised like :meth:`train_step`:
         ``{"loss", <metric> ...}``, identical on every rank."""
-        micro = split_rows(batch, self.micro_batch_size)
+        group = _rows_per_example(loss_fn)
+        micro = split_rows(batch, self.micro_batch_size * group)
         n_units = self._global_units(micro, loss_fn)
 
         def sums_of(logits, mb):
@@ -203,7 +219,7 @@ class PolicyModel:
             return {_LOSS_SUM: _plain(loss_sum).detach().float().reshape(1),
                     **{k: _plain(v).detach().float().reshape(1) for k, v in metrics.items()}}
 
-        per_mb = self.forward(batch, sums_of)
+        per_mb = self.forward(batch, sums_of, rows_per_example=group)
         sums = {k: v.sum() for k, v in per_mb.items()}
         return self._reduce_metrics(sums, n_units)
 
@@ -225,13 +241,18 @@ class PolicyModel:
             dist.all_reduce(total, group=self.pmesh["dp"].get_group())
         return torch.where(total > 0, total, torch.ones_like(total))
 
-    def _pipeline_runs(self, batch: dict[str, Any]) -> list[tuple[dict[str, Any], int]]:
-        """(examples of one schedule run, its micro-batch count) over the batch; see :func:`pipeline_runs`."""
-        runs = pipeline_runs(num_rows(batch), self.micro_batch_size, self.job_cfg.parallel.pp_microbatches)
+    def _pipeline_runs(self, batch: dict[str, Any], group: int = 1) -> list[tuple[dict[str, Any], int]]:
+        """(rows of one schedule run, its micro-batch count) over the batch; see :func:`pipeline_runs`.
+        The runs are planned in examples of ``group`` rows, so no micro-batch splits an example."""
+        n = num_rows(batch)
+        if n % group:
+            raise ValueError(f"the batch has {n} rows, not a multiple of the {group} rows of each example")
+        runs = pipeline_runs(n // group, self.micro_batch_size, self.job_cfg.parallel.pp_microbatches)
+        runs = [(size * group, n_micro) for size, n_micro in runs]
         chunks = split_rows(batch, runs[0][0])
         return [(chunk, n) for chunk, (_, n) in zip(chunks, runs)]
 
-    def _pipeline_train(self, batch, loss_fn, divisor, scale) -> dict[str, torch.Tensor]:
+    def _pipeline_train(self, batch, loss_fn, divisor, scale, group: int = 1) -> dict[str, torch.Tensor]:
         """Forward+backward of the batch through the pipeline schedule; gradients accumulate over runs."""
 
         def share(logits, mb):
@@ -241,7 +262,7 @@ class PolicyModel:
                                                 **{k: _plain(v).detach() for k, v in metrics.items()}}
 
         sums: dict[str, torch.Tensor] = {}
-        for chunk, n_micro in self._pipeline_runs(batch):
+        for chunk, n_micro in self._pipeline_runs(batch, group):
             _, metrics = self._runner(n_micro).train_step(chunk, share)
             for k, v in metrics.items():
                 sums[k] = sums.get(k, 0) + v.to(self.device)
@@ -280,17 +301,19 @@ class PolicyModel:
 
     # ----------------------------------------------------------------- inference
     @torch.no_grad()
-    def forward(self, batch: dict[str, Any], fn: Callable[[torch.Tensor, dict], Any]) -> Any:
+    def forward(self, batch: dict[str, Any], fn: Callable[[torch.Tensor, dict], Any], rows_per_example: int = 1) -> Any:
         """No-grad eval-mode forward; ``fn(logits, micro_batch)`` per micro-batch of
-        ``trainer.micro_batch_size`` rows, results concatenated along dim 0 (on the model's device)."""
+        ``trainer.micro_batch_size`` examples of ``rows_per_example`` rows (2 keeps a chosen/rejected pair
+        together), results concatenated along dim 0 (on the model's device)."""
         was_training = [s.training for s in self.stages]
         for stage in self.stages:
             stage.eval()
         try:
             if self.pp_size > 1:
-                return _concat([self._runner(n_micro).forward(chunk, fn) for chunk, n_micro in self._pipeline_runs(batch)])
+                return _concat([self._runner(n_micro).forward(chunk, fn)
+                                for chunk, n_micro in self._pipeline_runs(batch, rows_per_example)])
             results = []
-            for mb in split_rows(batch, self.micro_batch_size):
+            for mb in split_rows(batch, self.micro_batch_size * rows_per_example):
                 mb = self._to_device(mb)
                 results.append(fn(self.model(mb["tokens"], **_model_inputs(mb)), mb))
             return _concat(results)
@@ -321,14 +344,33 @@ class PolicyModel:
             self._state_offloaded = False
 
     def prepare_for_inference(self) -> None:
-        """Eval mode."""
+        """Eval mode; the rollout engine's memory back and its weights refit if they changed."""
         for stage in self.stages:
             stage.eval()
+        self.rollout.onload()
 
     def finish_inference(self) -> None:
-        """Back to train mode."""
+        """Release the rollout engine's memory (KV caches); back to train mode."""
+        self.rollout.offload()
         for stage in self.stages:
             stage.train()
+
+    # ----------------------------------------------------------------- rollouts
+    def generate(self, prompts: list[list[int]], sampling: SamplingParams | None = None) -> Rollouts:
+        """Sample responses to this dp rank's ``prompts`` (token ids) with the rollout engine, on the current
+        weights; ``sampling`` defaults to ``job_cfg.generation``'s. See :mod:`aligner.wrappers.rollout`."""
+        was_training = [s.training for s in self.stages]
+        for stage in self.stages:
+            stage.eval()
+        try:
+            return self.rollout.generate(prompts, sampling)
+        finally:
+            for stage, mode in zip(self.stages, was_training):
+                stage.train(mode)
+
+    def configure_generation(self, generation: Any = None, tokenizer: Any = None) -> None:
+        """Rollout settings (a GenerationConfig) and tokenizer (or EOS ids) for the next ``generate``."""
+        self.rollout.configure(generation, tokenizer)
 
     # ----------------------------------------------------------------- checkpoints
     def state_dict(self) -> dict[str, Any]:
@@ -354,6 +396,7 @@ class PolicyModel:
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load :meth:`state_dict`'s structure (values possibly saved at another layout)."""
         set_model_state_dict(self.model, state_dict["model"])
+        self.rollout.weights_changed()
         optimizer = self._rename_tied(state_dict["optimizer"], to_embedding=False)
         set_optimizer_state_dict(self.model, self.optimizer, optimizer, options=_FLAT)
         self.scheduler.load_state_dict(state_dict["scheduler"])

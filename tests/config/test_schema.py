@@ -8,10 +8,12 @@ import pytest
 from omegaconf import OmegaConf
 
 from aligner.config import (
+    JOB_SCHEMAS,
     ArchConfig,
     ConfigError,
     DPOConfig,
     DPOJobConfig,
+    GenerateJobConfig,
     LoggerConfig,
     ParallelConfig,
     PPOJobConfig,
@@ -31,9 +33,13 @@ def test_defaults_come_from_the_schema():
     assert isinstance(cfg, DPOJobConfig)
     assert cfg.dpo == DPOConfig()
     assert (cfg.dpo.beta, cfg.dpo.loss_type, cfg.dpo.label_smoothing, cfg.dpo.rpo_alpha) == (0.1, "sigmoid", 0.0, 1.0)
-    assert cfg.parallel == ParallelConfig() and cfg.trainer == TrainerConfig() and cfg.logger == LoggerConfig()
+    assert cfg.parallel == ParallelConfig() and cfg.logger == LoggerConfig()
+    # conf/dpo.yaml sizes the run for SmolLM2 on the shipped set; everything else is the schema's.
+    changed = {"output_dir", "max_seq_len", "val_check_interval"}
+    assert {k: v for k, v in vars(cfg.trainer).items() if k not in changed} == {
+        k: v for k, v in vars(TrainerConfig()).items() if k not in changed}
     assert cfg.trainer.max_steps == -1 and cfg.trainer.resume == "auto" and cfg.parallel.dp_shard == -1
-    assert cfg.optim.lr == 5e-7  # the one value conf/dpo.yaml changes
+    assert cfg.optim.lr == 5e-6 and cfg.data.train == "examples/data/preference_train.jsonl"
     assert cfg.model.arch.hidden_size == 576  # the default model group: smollm2_135m
 
 
@@ -57,10 +63,10 @@ def _raw_leaves(node, prefix=""):
             yield f"{prefix}{key}", value
 
 
-@pytest.mark.parametrize("name", ["sft", "dpo", "ppo", "examples/llama3_70b_sft", "examples/llama3_70b_dpo",
-                                  "examples/llama3_70b_ppo"])
+@pytest.mark.parametrize("name", ["sft", "dpo", "ppo", "rm", "kto", "cpo", "orpo", "simpo", "examples/llama3_70b_sft",
+                                  "examples/llama3_70b_dpo", "examples/llama3_70b_ppo"])
 def test_yaml_files_hold_only_what_differs_from_the_schema(name):
-    schema = {"sft": SFTJobConfig, "dpo": DPOJobConfig, "ppo": PPOJobConfig}[name.split("_")[-1].split("/")[-1]]
+    schema = JOB_SCHEMAS[name.split("_")[-1].split("/")[-1]]
     defaults = OmegaConf.structured(schema)
     raw = OmegaConf.to_container(OmegaConf.load(conf_dir() / f"{name}.yaml"))
     leaves = dict(_raw_leaves(raw))
@@ -79,7 +85,7 @@ def test_example_composes_base_and_model_size():
     cfg = load_config("examples/llama3_70b_dpo", ["parallel.pp=4"])
     assert isinstance(cfg, DPOJobConfig)
     assert (cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.nodes * cfg.parallel.gpus_per_node) == (8, 4, 64)
-    assert cfg.optim.lr == 5e-7  # inherited from conf/dpo.yaml
+    assert cfg.optim.lr == 5e-7  # the example's own, not conf/dpo.yaml's SmolLM2 value
     assert cfg.model.arch.num_hidden_layers == 80 and cfg.model.arch.rope_scaling["factor"] == 8.0
     ppo = load_config("examples/llama3_70b_ppo")
     assert ppo.ppo.reward_model.arch.hidden_size == 8192 and ppo.ppo.critic.arch is None
@@ -194,7 +200,7 @@ def test_documented_defaults_match_the_schema():
     from pathlib import Path
 
     docs = Path(__file__).resolve().parents[2] / "docs" / "configuration.md"
-    schemas = [OmegaConf.structured(s) for s in (SFTJobConfig, DPOJobConfig, PPOJobConfig)]
+    schemas = [OmegaConf.structured(s) for s in (SFTJobConfig, DPOJobConfig, PPOJobConfig, GenerateJobConfig)]
     rows = [line.split("|")[1:3] for line in docs.read_text().splitlines() if line.startswith("| `")]
     checked = 0
     for key_cell, default_cell in rows:

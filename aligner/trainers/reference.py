@@ -1,0 +1,99 @@
+"""The frozen reference model of DPO and KTO: the initial policy, evaluated without a second model in memory.
+
+Two ways (``<algorithm>.reference``):
+
+- ``precompute`` (default): before step 1, one no-grad pass of the initial weights over every row of the
+  training and validation data; the summed response log-probs are kept in a table indexed by example
+  (a few bytes per row). Each data-parallel rank computes a strided share and the shares are summed, so
+  the pass costs ``1 / dp`` of the data per rank. Resuming recomputes it from ``model.path`` before the
+  checkpoint is loaded, so the reference stays the initial model.
+- ``on_the_fly``: the initial weights (this rank's shards only) are copied to CPU memory once; each step
+  swaps them into the model for the reference forward and swaps the trained weights back. It needs
+  no pass over the data but one more forward per step and two CPU copies of the local shards.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Any, Callable
+
+import torch
+from torch.distributed.tensor import DTensor
+
+from aligner.parallel.collectives import sum_over
+from aligner.trainers.preference_losses import response_logps
+from aligner.trainers.sft import validation_share
+
+BatchFn = Callable[[list[int]], dict[str, torch.Tensor]]
+
+
+def _row_logps(logits, mb: dict[str, torch.Tensor]) -> torch.Tensor:
+    return response_logps(logits, mb["labels"])[0].float()  # [b]
+
+
+def policy_logps(policy: Any, batch: dict[str, torch.Tensor], rows_per_example: int = 1) -> torch.Tensor:
+    """Summed response log-probs of every row of ``batch`` under the model's current weights: ``[N]`` on CPU."""
+    return policy.forward(batch, _row_logps, rows_per_example=rows_per_example).detach().cpu()
+
+
+def dataset_logps(policy: Any, n: int, batch_fn: BatchFn, rows_per_example: int, chunk: int) -> torch.Tensor:
+    """``[n, rows_per_example]`` summed log-probs of every example's rows, the same table on every rank.
+
+    Data-parallel ranks split the examples (strided, padded with repeats of example 0 so every rank runs
+    the same number of forwards, which FSDP needs) and the tables are summed over the dp group.
+    """
+    share = validation_share(n, policy.dp_rank, policy.dp_size)
+    table = torch.zeros(n, rows_per_example, dtype=torch.float64)
+    for start in range(0, len(share), chunk):
+        part = share[start:start + chunk]
+        logps = policy_logps(policy, batch_fn([max(i, 0) for i in part]), rows_per_example)
+        logps = logps.double().reshape(len(part), rows_per_example)
+        for row, i in zip(logps, part):
+            if i >= 0:
+                table[i] = row
+    return sum_over(table, policy.pmesh["dp"]) if policy.dp_size > 1 else table
+
+
+def _local(p: torch.Tensor) -> torch.Tensor:
+    return p.to_local() if isinstance(p, DTensor) else p
+
+
+class SwappedReference:
+    """This rank's shards of the initial weights in CPU memory, swapped into the model for reference forwards."""
+
+    def __init__(self, policy: Any):
+        self.policy = policy
+        self.params = [p for p in policy.model.parameters()]
+        with torch.no_grad():
+            self.initial = [_local(p).detach().to("cpu", copy=True) for p in self.params]
+        self._trained = [torch.empty_like(t) for t in self.initial]
+
+    @contextmanager
+    def swapped_in(self):
+        """Within the block the model holds the initial weights; the trained ones come back after."""
+        with torch.no_grad():
+            for p, keep, init in zip(self.params, self._trained, self.initial):
+                local = _local(p)
+                keep.copy_(local)
+                local.copy_(init)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for p, keep in zip(self.params, self._trained):
+                    _local(p).copy_(keep)
+
+    def logps(self, batch: dict[str, torch.Tensor], rows_per_example: int = 1) -> torch.Tensor:
+        """Summed response log-probs of ``batch``'s rows under the initial weights: ``[N]``."""
+        with self.swapped_in():
+            return policy_logps(self.policy, batch, rows_per_example)
+
+
+class PrecomputedReference:
+    """Per-example tables of reference log-probs, filled by :func:`dataset_logps` before training."""
+
+    def __init__(self, tables: dict[str, torch.Tensor]):
+        self.tables = tables  # name -> [n, rows_per_example]
+
+    def lookup(self, name: str, indices: list[int]) -> torch.Tensor:
+        """The rows of examples ``indices`` in batch order: ``[len(indices) * rows_per_example]``."""
+        return self.tables[name][torch.tensor(indices, dtype=torch.long)].reshape(-1).float()

@@ -1,0 +1,12 @@
+"""ORPO. Same as `aligner train orpo`; works under torchrun and srun.
+
+    python examples/train_orpo.py                                  # conf/orpo.yaml: SmolLM2 on the shipped data
+    torchrun --nproc_per_node 2 examples/train_orpo.py parallel.tp=2
+    python examples/train_orpo.py model.path=DIR model.arch=null data.train=F.jsonl data.validation=V.jsonl
+"""
+import sys
+
+from aligner.cli import main
+
+if __name__ == "__main__":
+    sys.exit(main(["train", "orpo", *sys.argv[1:]]))
