@@ -12,7 +12,8 @@ import sys
 
 # Algorithm name -> module whose main(argv) runs it (the same as examples/train_<name>.py).
 TRAINERS = {"sft": "aligner.trainers.sft", **{name: "aligner.trainers.preference"
-                                              for name in ("rm", "dpo", "kto", "cpo", "orpo", "simpo")}}
+                                              for name in ("rm", "dpo", "kto", "cpo", "orpo", "simpo")},
+            **{name: "aligner.trainers.online" for name in ("ppo", "grpo", "rloo", "reinforce")}}
 
 
 def _fetch_model(argv: list[str]) -> int:
@@ -50,7 +51,7 @@ def _train(argv: list[str]) -> int:
             raise ValueError(f"unknown algorithm '{argv[0]}'; choose one of {', '.join(TRAINERS)}")
         return 0
     module = importlib.import_module(TRAINERS[argv[0]])
-    if module.__name__ == "aligner.trainers.preference":  # one loop, several algorithms
+    if module.__name__ in ("aligner.trainers.preference", "aligner.trainers.online"):  # one loop, several algorithms
         return module.main(argv[1:], algorithm=argv[0])
     return module.main(argv[1:])
 

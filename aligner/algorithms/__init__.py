@@ -9,6 +9,7 @@ from aligner.algorithms.policy_loss import (
 )
 from aligner.algorithms.preference import cpo_loss, dpo_loss, log1mexp, orpo_loss, simpo_loss
 from aligner.algorithms.reward import bradley_terry_loss
+from aligner.algorithms.rewards import accuracy, format_reward, last_number, parse_number
 from aligner.algorithms.sequence import last_token_values, sequence_logps
 
 __all__ = [
@@ -17,4 +18,6 @@ __all__ = [
     # online RL
     "aggregate_loss", "aggregate_sum", "aggregate_units", "gae", "grpo_advantages", "kl_estimate", "kl_k1",
     "kl_k2", "kl_k3", "ppo_policy_loss", "reinforce_loo_advantages", "rloo_advantages", "value_loss", "whiten",
+    # rule rewards, referenced by import path: aligner.algorithms.rewards:accuracy
+    "accuracy", "format_reward", "last_number", "parse_number",
 ]

@@ -114,6 +114,69 @@ class PPOConfig:
     num_sample_generations: int = 10  # sample tables logged over the run
     reward_model: ModelConfig = field(default_factory=ModelConfig)  # a model with a value head
     critic: ModelConfig = field(default_factory=ModelConfig)  # path null: initialised from reward_model
+    reward_funcs: list[str] = field(default_factory=list)  # rule rewards added to the reward model's score
+    reward_weights: Optional[list[float]] = None  # one per reward (functions first, then the reward model)
+
+
+@dataclass
+class RLOOConfig:
+    """RLOO (the reference RLOO trainer page): k samples per prompt, each baselined by the mean reward of the
+    other k - 1; the KL to the reference folded into the sequence reward; a sequence-level PPO ratio."""
+
+    rloo_k: int = 2  # samples per prompt
+    kl_coef: float = 0.05
+    cliprange: float = 0.2
+    num_ppo_epochs: int = 4  # passes over each rollout batch
+    num_mini_batches: int = 1  # optimizer steps per pass
+    whiten_rewards: bool = False
+    response_length: int = 53  # max generated tokens
+    temperature: float = 0.7
+    missing_eos_penalty: Optional[float] = None  # subtracted from the score of a response without EOS
+    num_sample_generations: int = 10  # sample tables over the run
+    reward_model: ModelConfig = field(default_factory=ModelConfig)  # a model with a value head (optional)
+    reward_funcs: list[str] = field(default_factory=list)  # "module:function" or "file.py:function"
+    reward_weights: Optional[list[float]] = None  # one per reward (functions first, then the reward model)
+
+
+@dataclass
+class GRPOConfig:
+    """GRPO: a group of samples per prompt, advantages normalised within the group, a clipped token-level
+    loss; the KL to the reference is a k3 loss term when ``beta`` > 0 (off by default)."""
+
+    num_generations: int = 8  # samples per prompt (the group)
+    epsilon: float = 0.2  # lower clip of the ratio
+    epsilon_high: Optional[float] = None  # upper clip (DAPO's clip-higher); null: epsilon
+    beta: float = 0.0  # weight of the k3 KL term; 0 loads no reference
+    loss_type: str = choice("token_mean", "token_mean", "sequence_mean", "dr_grpo")
+    scale_rewards: str = choice("group", "group", "batch", "none")  # divide advantages by this std
+    num_iterations: int = 1  # passes over each rollout batch
+    num_mini_batches: int = 1  # optimizer steps per pass
+    max_completion_length: int = 256
+    temperature: float = 1.0
+    missing_eos_penalty: Optional[float] = None
+    num_sample_generations: int = 10
+    reward_model: ModelConfig = field(default_factory=ModelConfig)
+    reward_funcs: list[str] = field(default_factory=list)
+    reward_weights: Optional[list[float]] = None
+
+
+@dataclass
+class ReinforceConfig:
+    """REINFORCE with a leave-one-out baseline (NeMo-Aligner's variant): the KL to the reference folded into
+    the sequence reward, a PPO-style clipped sequence loss."""
+
+    num_rollouts_per_prompt: int = 4
+    initial_policy_kl_penalty: float = 0.01  # NeMo-Aligner's name for the KL coefficient
+    cliprange: float = 0.2
+    num_ppo_epochs: int = 1
+    num_mini_batches: int = 1
+    response_length: int = 128
+    temperature: float = 1.0
+    missing_eos_penalty: Optional[float] = None
+    num_sample_generations: int = 10
+    reward_model: ModelConfig = field(default_factory=ModelConfig)
+    reward_funcs: list[str] = field(default_factory=list)
+    reward_weights: Optional[list[float]] = None
 
 
 # The sections every job has, in the order the resolved config.yaml lists them.
@@ -128,9 +191,11 @@ COMMON_SECTIONS: tuple[tuple[str, type], ...] = (
 )
 
 
-def job_schema(class_name: str, algorithm: str, section: type) -> type:
-    """A top-level job dataclass: the common sections plus the algorithm's own under its name."""
-    fields = [(key, tp, field(default_factory=tp)) for key, tp in (*COMMON_SECTIONS, (algorithm, section))]
+def job_schema(class_name: str, algorithm: str, section: type, generation: bool = False) -> type:
+    """A top-level job dataclass: the common sections (plus ``generation`` for online algorithms) and the
+    algorithm's own under its name."""
+    sections = (*COMMON_SECTIONS, *((("generation", GenerationConfig),) if generation else ()), (algorithm, section))
+    fields = [(key, tp, field(default_factory=tp)) for key, tp in sections]
     schema = make_dataclass(class_name, fields)
     schema.__module__ = __name__  # so it pickles and reads as aligner.config.jobs.<class_name>
     return schema
@@ -155,7 +220,10 @@ KTOJobConfig = job_schema("KTOJobConfig", "kto", KTOConfig)
 CPOJobConfig = job_schema("CPOJobConfig", "cpo", CPOConfig)
 ORPOJobConfig = job_schema("ORPOJobConfig", "orpo", ORPOConfig)
 SimPOJobConfig = job_schema("SimPOJobConfig", "simpo", SimPOConfig)
-PPOJobConfig = job_schema("PPOJobConfig", "ppo", PPOConfig)
+RLOOJobConfig = job_schema("RLOOJobConfig", "rloo", RLOOConfig, generation=True)
+GRPOJobConfig = job_schema("GRPOJobConfig", "grpo", GRPOConfig, generation=True)
+ReinforceJobConfig = job_schema("ReinforceJobConfig", "reinforce", ReinforceConfig, generation=True)
+PPOJobConfig = job_schema("PPOJobConfig", "ppo", PPOConfig, generation=True)
 
 # Algorithm name -> job schema. The name is also the schema's own section and the conf/<name>.yaml file.
 JOB_SCHEMAS: dict[str, type] = {
@@ -166,6 +234,9 @@ JOB_SCHEMAS: dict[str, type] = {
     "cpo": CPOJobConfig,
     "orpo": ORPOJobConfig,
     "simpo": SimPOJobConfig,
+    "rloo": RLOOJobConfig,
+    "grpo": GRPOJobConfig,
+    "reinforce": ReinforceJobConfig,
     "ppo": PPOJobConfig,
     "generate": GenerateJobConfig,
 }

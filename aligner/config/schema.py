@@ -208,4 +208,4 @@ class GenerationConfig:
     def sampling_params(self) -> SamplingParams:
         """These settings as the engines' :class:`SamplingParams` (validated there: a bad value raises
         ``ValueError`` naming the ``generation.*`` key)."""
-        return SamplingParams(**{f.name: getattr(self, f.name) for f in fields(SamplingParams)})
+        return SamplingParams(**{f.name: getattr(self, f.name) for f in fields(SamplingParams) if hasattr(self, f.name)})

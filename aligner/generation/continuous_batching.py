@@ -90,7 +90,7 @@ class ContinuousBatch:
         slots_t = torch.tensor(slots, device=dev)
         prompt_idx = torch.tensor([self.items[i][0] for i in take], device=dev)
         sample_idx = torch.tensor([self.items[i][1] for i in take], device=dev)
-        self.keys[slots_t] = sequence_keys(self.seed, prompt_idx, sample_idx)
+        self.keys[slots_t] = sequence_keys(self.seed, prompt_idx + self.sp.prompt_index_offset, sample_idx)
         self.gen_len[slots_t] = 0
         self.reason[slots_t] = 0
         self.live[slots_t] = True

@@ -29,6 +29,9 @@ class SamplingParams:
     n: int = 1  # samples per prompt
     seed: int | None = None  # None: unseeded; an int makes every sample reproducible
     ignore_eos: bool = False  # generate max_new_tokens regardless of EOS (benchmarks)
+    # Position of the first prompt in a larger batch that data-parallel ranks split: a seeded share then draws
+    # exactly what one process generating the whole batch would (the random stream is keyed by prompt index).
+    prompt_index_offset: int = 0
 
     def __post_init__(self) -> None:
         checks = [
@@ -39,6 +42,7 @@ class SamplingParams:
             (0 <= self.min_new_tokens <= self.max_new_tokens,
              f"min_new_tokens={self.min_new_tokens} must be in [0, max_new_tokens={self.max_new_tokens}]"),
             (self.n >= 1, f"n={self.n} must be >= 1"),
+            (self.prompt_index_offset >= 0, f"prompt_index_offset={self.prompt_index_offset} must be >= 0"),
         ]
         for ok, message in checks:
             if not ok:

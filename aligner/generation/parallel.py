@@ -352,8 +352,13 @@ class ParallelEngine:
             copy_pipelined_weights(self.stages, self.pmesh, self._copy)  # collective over the whole job
         engine = self._ready_engine(self._copy)  # refits a cast copy the inner engine may keep
         parts, index = self._fold.size(), self._fold.get_local_rank()
-        mine = prompts[_share(len(prompts), parts, index)]
-        sampling = _rank_sampling(sampling, self.pmesh, index, None)
+        share = _share(len(prompts), parts, index)
+        mine = prompts[share]
+        if sampling.seed is not None:
+            # Seeded: keep the seed and shift the prompt index, so the fold draws what one process would.
+            sampling = dataclasses.replace(sampling, prompt_index_offset=sampling.prompt_index_offset + share.start)
+        else:
+            sampling = _rank_sampling(sampling, self.pmesh, index, None)
         rollouts = engine.generate(mine, sampling) if mine else _no_rollouts()
         gathered: list[Rollouts | None] = [None] * parts
         dist.all_gather_object(gathered, rollouts, group=self._fold.get_group())

@@ -105,6 +105,13 @@ class Hooks:
     samples: Callable[[int], None] | None = None  # step -> prints and saves a sample table
     step_tokens: Callable[[dict[str, torch.Tensor]], float] | None = None  # tokens in the global batch
     train_metrics: Callable[[dict[str, float]], dict[str, float]] | None = None  # finishes train_step's metrics
+    # Online RL: a step is a rollout and several optimizer steps. ``step`` replaces ``policy.train_step(batch,
+    # loss_fn)`` (it gets the batch and the step number), and the LR schedule spans this many optimizer steps
+    # per loop step.
+    step: Callable[[dict[str, Any], int], dict[str, float]] | None = None
+    optimizer_steps_per_step: int = 1
+    # More trained models whose state goes into every checkpoint beside the policy (PPO's critic).
+    extra_models: dict[str, Alignable] = field(default_factory=dict)
 
 
 def run_training(run: Run, policy: Alignable, batches: BatchSource, loss_fn: LossFn, hooks: Hooks,
@@ -116,13 +123,13 @@ def run_training(run: Run, policy: Alignable, batches: BatchSource, loss_fn: Los
     cfg = run.cfg
     tcfg = cfg.trainer
     total = total_steps_of(cfg, batches.steps_per_epoch)
-    policy.set_total_steps(total)
+    policy.set_total_steps(total * hooks.optimizer_steps_per_step)
     state = {"step": 0, "consumed_samples": 0}
     logger = MetricsLogger(run.output_dir, cfg.logger, run.rank, run_config=cfg)
 
     ckpt = find_resume_checkpoint(run.output_dir, tcfg.resume)
     if ckpt is not None:
-        extra = load_checkpoint(ckpt, {"policy": policy})
+        extra = load_checkpoint(ckpt, {"policy": policy, **hooks.extra_models})
         state.update(step=extra["step"], consumed_samples=extra["consumed_samples"])
         batches.load_state_dict(extra["batches"])
         logger.truncate_after(state["step"])
@@ -132,7 +139,7 @@ def run_training(run: Run, policy: Alignable, batches: BatchSource, loss_fn: Los
 
     def save(step: int) -> None:
         extra = {"step": step, "consumed_samples": state["consumed_samples"], "batches": batches.state_dict()}
-        path = save_checkpoint(run.output_dir, step, {"policy": policy}, extra=extra,
+        path = save_checkpoint(run.output_dir, step, {"policy": policy, **hooks.extra_models}, extra=extra,
                                keep_last=tcfg.save_top_k, model_dir=model_dir)
         run.print(f"saved checkpoint {path}")
 
@@ -152,7 +159,10 @@ def run_training(run: Run, policy: Alignable, batches: BatchSource, loss_fn: Los
         # The clock includes making the batch: for DPO/KTO that holds reference and KL forwards.
         start = time.perf_counter()
         batch = batches.next_batch()
-        train_metrics = policy.train_step(batch, loss_fn)
+        if hooks.step is not None:
+            train_metrics = hooks.step(batch, state["step"] + 1)
+        else:
+            train_metrics = policy.train_step(batch, loss_fn)
         elapsed = time.perf_counter() - start
         state["step"] += 1
         state["consumed_samples"] += tcfg.global_batch_size
@@ -160,7 +170,8 @@ def run_training(run: Run, policy: Alignable, batches: BatchSource, loss_fn: Los
         tokens = hooks.step_tokens(batch) if hooks.step_tokens is not None else float("nan")
         if hooks.train_metrics is not None:
             train_metrics = hooks.train_metrics(train_metrics)
-        metrics = {f"train/{k}": v for k, v in train_metrics.items()}
+        # An online step names its metrics itself, as the RLOO reference page does ("objective/kl", "lr", "eps").
+        metrics = dict(train_metrics) if hooks.step is not None else {f"train/{k}": v for k, v in train_metrics.items()}
         metrics["train/tokens_per_sec"] = tokens / elapsed if elapsed > 0 else math.nan
         metrics["train/consumed_samples"] = float(state["consumed_samples"])
         metrics["train/epoch"] = (step - 1) // max(1, batches.steps_per_epoch)
@@ -172,7 +183,8 @@ def run_training(run: Run, policy: Alignable, batches: BatchSource, loss_fn: Los
                 hooks.samples(step)
             policy.prepare_for_training()
         logger.log(step, metrics)
-        progress.update(step, loss=metrics.get("train/loss"), lr=metrics.get("train/lr"),
+        progress.update(step, loss=metrics.get("train/loss", metrics.get("loss/policy_avg")),
+                        lr=metrics.get("train/lr", metrics.get("lr")),
                         tokens_per_sec=metrics["train/tokens_per_sec"])
         preempted = run.preemption.agreed()
         if preempted or last or (tcfg.save_interval > 0 and step % tcfg.save_interval == 0):

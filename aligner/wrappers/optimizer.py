@@ -36,8 +36,11 @@ def build_optimizer(params: Iterable[torch.nn.Parameter], optim_cfg: OptimConfig
     no_decay = [p for p in params if p.ndim < 2]
     groups = [{"params": decay, "weight_decay": optim_cfg.weight_decay},
               {"params": no_decay, "weight_decay": 0.0}]
+    # The fused kernel updates every tensor in one pass; PyTorch's default on CPU is a Python loop over the
+    # parameters that costs ~2 s per step for a 135M model (bench/RESULTS.md, "SFT step"), 6x the fused one.
+    fused = all(p.device.type in ("cpu", "cuda") for p in params)
     return torch.optim.AdamW([g for g in groups if g["params"]], lr=optim_cfg.lr,
-                             betas=tuple(optim_cfg.betas), eps=optim_cfg.eps)
+                             betas=tuple(optim_cfg.betas), eps=optim_cfg.eps, fused=fused)
 
 
 def lr_at(step: int, optim_cfg: OptimConfig, total_steps: int | None) -> float:

@@ -63,7 +63,8 @@ def _raw_leaves(node, prefix=""):
             yield f"{prefix}{key}", value
 
 
-@pytest.mark.parametrize("name", ["sft", "dpo", "ppo", "rm", "kto", "cpo", "orpo", "simpo", "examples/llama3_70b_sft",
+@pytest.mark.parametrize("name", ["sft", "dpo", "ppo", "rm", "kto", "cpo", "orpo", "simpo", "grpo", "rloo", "reinforce",
+                                  "examples/llama3_70b_sft",
                                   "examples/llama3_70b_dpo", "examples/llama3_70b_ppo"])
 def test_yaml_files_hold_only_what_differs_from_the_schema(name):
     schema = JOB_SCHEMAS[name.split("_")[-1].split("/")[-1]]

@@ -1,0 +1,98 @@
+"""What the online loop trains on: prompt records in, rollouts turned into the batch dict of the interface.
+
+A rollout row is ``prompt + response``, right-padded. Every per-token tensor of the batch is aligned with
+``labels`` (already shifted: ``labels[:, t]`` is the token predicted at position ``t``), so response token
+``j`` of a row whose prompt has ``P`` tokens sits at column ``P - 1 + j``. Only response tokens carry a label.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from aligner.data import DataError, prompt_messages, read_records, validate_records
+from aligner.generation.engine import Rollouts
+
+
+@dataclass
+class PromptData:
+    """Validated prompt records and their chat-template token ids (the assistant turn opened)."""
+
+    records: list[dict[str, Any]]
+    token_ids: list[list[int]]
+    source: str
+    n_dropped: int = 0  # prompts too long to leave room for a response
+    n_truncated: int = 0  # prompts cut from the left to leave room for a response
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def describe(self) -> str:
+        """One log line: the path and what was dropped or truncated."""
+        return (f"{self.source}: {len(self.records)} prompts ({self.n_truncated} truncated from the left, "
+                f"{self.n_dropped} dropped as over-long)")
+
+    def columns(self, indices: list[int]) -> dict[str, list[Any]]:
+        """The records' extra columns (everything but ``prompt``) as lists aligned with ``indices``;
+        a column missing from a record is None there."""
+        names = sorted({k for i in indices for k in self.records[i] if k != "prompt"})
+        return {name: [self.records[i].get(name) for i in indices] for name in names}
+
+
+def build_prompt_data(path: str, tokenizer: Any, max_prompt_len: int, overlong: str) -> PromptData:
+    """Read and validate ``{"prompt": ..., <extra columns>}`` records; prompts over ``max_prompt_len`` tokens
+    are cut from the left (``overlong=truncate``, keeping the end where the question usually is) or dropped."""
+    if not path:
+        raise DataError("data.train is not set; pass data.train=prompts.jsonl ({\"prompt\": ..., <extra columns>} "
+                        "per line)")
+    records, _ = validate_records(read_records(path), "prompt")
+    texts = [tokenizer.apply_chat_template(prompt_messages(r["prompt"]), add_generation_prompt=True)
+             for r, _ in records]
+    data = PromptData([], [], str(path))
+    for (record, _), ids in zip(records, tokenizer.encode_batch(texts)):
+        if len(ids) > max_prompt_len:
+            if overlong == "drop":
+                data.n_dropped += 1
+                continue
+            ids = ids[-max_prompt_len:]
+            data.n_truncated += 1
+        data.records.append(record)
+        data.token_ids.append(ids)
+    if not data.records:
+        raise DataError(f"{path}: no prompt left ({data.describe()}); raise trainer.max_seq_len or shorten the "
+                        f"response length")
+    return data
+
+
+def rollout_batch(rollouts: Rollouts, pad_id: int) -> dict[str, torch.Tensor]:
+    """The batch dict of ``rollouts`` (rows in the rollouts' order): ``tokens``, ``attention_mask``, ``labels``
+    ``[N, T]`` and ``engine_logps [N, T]`` (the engine's log-prob of each response token, at its label column)."""
+    rows = [list(p) + list(r) for p, r in zip(rollouts.prompt_token_ids, rollouts.response_token_ids)]
+    width = max(len(r) for r in rows)
+    width = -(-width // 8) * 8  # a few shapes rather than one per batch
+    n = len(rows)
+    tokens = torch.full((n, width), pad_id, dtype=torch.long)
+    mask = torch.zeros((n, width), dtype=torch.long)
+    labels = torch.full((n, width), -100, dtype=torch.long)
+    engine = torch.zeros((n, width), dtype=torch.float32)
+    for i, (prompt, response, logps) in enumerate(zip(rollouts.prompt_token_ids, rollouts.response_token_ids,
+                                                      rollouts.logprobs)):
+        p, r = len(prompt), len(response)
+        tokens[i, :p + r] = torch.tensor(rows[i], dtype=torch.long)
+        mask[i, :p + r] = 1
+        if r:
+            labels[i, p - 1:p - 1 + r] = torch.tensor(response, dtype=torch.long)
+            engine[i, p - 1:p - 1 + r] = torch.tensor(logps, dtype=torch.float32)
+    return {"tokens": tokens, "attention_mask": mask, "labels": labels, "engine_logps": engine}
+
+
+def response_texts(rollouts: Rollouts, tokenizer: Any, eos_ids: set[int]) -> list[str]:
+    """Each response decoded without the EOS token that ended it."""
+    out = []
+    for ids, reason in zip(rollouts.response_token_ids, rollouts.finish_reasons):
+        ids = list(ids)
+        if reason == "eos" and ids and ids[-1] in eos_ids:
+            ids = ids[:-1]
+        out.append(tokenizer.decode(ids, skip_special_tokens=True))
+    return out

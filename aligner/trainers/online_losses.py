@@ -1,0 +1,104 @@
+"""The loss the online loop hands to the model: a clipped policy-gradient loss on rollout rows.
+
+The batch (:mod:`aligner.trainers.online_batch`) carries, aligned with ``labels``: ``old_logps`` (the
+policy's log-probs at rollout time, from a training forward), ``advantages`` (per token, or per sequence
+broadcast) and, when a KL term is in the loss (GRPO's ``beta``), ``ref_logps``. Log-probs are taken under
+``softmax(logits / temperature)``, the distribution the engine sampled from, so the first epoch's ratio is 1.
+
+Metrics are sums over the loss's units; the loop averages them over the step's optimizer steps and names
+them as the RLOO reference page does (``policy/approxkl_avg``, ``policy/clipfrac_avg``, ``val/ratio`` ...).
+"""
+from __future__ import annotations
+
+import torch
+
+from aligner.algorithms import aggregate_sum, aggregate_units, kl_k3, ppo_policy_loss, value_loss
+from aligner.parallel import token_entropy, token_logprobs
+
+
+def scaled_token_logprobs(logits: torch.Tensor, labels: torch.Tensor, temperature: float) -> torch.Tensor:
+    """``log softmax(logits / temperature)`` of each label, ``[N, T]``; 0 where there is no label."""
+    keep = labels != -100
+    if temperature > 0 and temperature != 1.0:
+        logits = logits / temperature
+    logp = token_logprobs(logits, torch.where(keep, labels, torch.zeros_like(labels)))
+    return torch.where(keep, logp, torch.zeros_like(logp))
+
+
+class PolicyGradientLoss:
+    """PPO's clipped objective at token level (GRPO, PPO) or sequence level (RLOO, REINFORCE).
+
+    ``sequence_level``: the ratio is that of whole responses (summed log-probs), as the RLOO page does, and
+    the loss averages over sequences. Otherwise ``aggregation`` (``token_mean`` | ``sequence_mean`` |
+    ``dr_grpo``) says how per-token losses are averaged; ``normaliser`` is dr_grpo's constant.
+    """
+
+    def __init__(self, *, temperature: float, cliprange: float, cliprange_high: float | None = None,
+                 sequence_level: bool = False, aggregation: str = "token_mean", normaliser: float | None = None,
+                 kl_beta: float = 0.0):
+        self.temperature, self.cliprange, self.cliprange_high = temperature, cliprange, cliprange_high
+        self.sequence_level, self.aggregation, self.normaliser = sequence_level, aggregation, normaliser
+        self.kl_beta = kl_beta
+
+    def _mode(self) -> str:
+        return "sequence_mean" if self.sequence_level else self.aggregation
+
+    def num_units(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        mask = batch["labels"] != -100
+        return aggregate_units(mask, self._mode()) if not self.sequence_level else torch.tensor(float(mask.shape[0]))
+
+    def __call__(self, logits, batch: dict[str, torch.Tensor]):
+        labels = batch["labels"]
+        mask = labels != -100
+        logp = scaled_token_logprobs(logits, labels, self.temperature)  # [b, T]
+        old = batch["old_logps"].to(logp)
+        with torch.no_grad():
+            entropy = token_entropy(logits / self.temperature if self.temperature not in (0, 1.0) else logits)
+        if self.sequence_level:
+            seq_mask = torch.ones(logp.shape[0], 1, dtype=torch.bool, device=logp.device)
+            adv = batch["advantages"].to(logp)
+            adv = adv[:, :1] if adv.dim() == 2 else adv.unsqueeze(-1)
+            per, stats = ppo_policy_loss((logp * mask).sum(-1, keepdim=True), (old * mask).sum(-1, keepdim=True),
+                                         adv, seq_mask, cliprange=self.cliprange, cliprange_high=self.cliprange_high)
+            loss_sum = per.sum()
+            ratio, clipfrac, approxkl = stats["ratio"].sum(-1), stats["clipfrac"].sum(-1), stats["approxkl"].sum(-1)
+            n_tokens = mask.sum(-1).clamp(min=1)
+            ent = (entropy * mask).sum(-1) / n_tokens
+            metric = {"ratio": ratio.sum(), "ratio_sq": (ratio ** 2).sum(), "clipfrac": clipfrac.sum(),
+                      "approxkl": approxkl.sum(), "entropy": ent.sum(), "policy_loss": per.detach().sum()}
+            return loss_sum, metric
+        per, stats = ppo_policy_loss(logp, old, batch["advantages"].to(logp), mask, cliprange=self.cliprange,
+                                     cliprange_high=self.cliprange_high)
+        metric = {}
+        if self.kl_beta > 0:
+            kl = kl_k3(logp, batch["ref_logps"].to(logp)) * mask
+            metric["kl"] = aggregate_sum(kl.detach(), mask, "sequence_mean" if self._mode() == "dr_grpo" else self._mode())
+            per = per + self.kl_beta * kl
+        loss_sum = aggregate_sum(per, mask, self._mode(), self.normaliser)
+        # Metrics share the loss's units; under dr_grpo (units: rows) they are per-row means averaged over rows.
+        metric_mode = "sequence_mean" if self._mode() == "dr_grpo" else self._mode()
+        agg = lambda t: aggregate_sum(t.detach().float() * mask, mask, metric_mode)  # noqa: E731
+        metric.update({"ratio": agg(stats["ratio"]), "ratio_sq": agg(stats["ratio"] ** 2),
+                       "clipfrac": agg(stats["clipfrac"]), "approxkl": agg(stats["approxkl"]),
+                       "entropy": agg(entropy), "policy_loss": loss_sum.detach()})
+        return loss_sum, metric
+
+
+class ValueLoss:
+    """PPO's clipped value loss on the critic's per-position values (``[b, T, 1]`` from a value head), token
+    mean over the response tokens, scaled by ``vf_coef``. The batch holds ``old_values`` and ``returns``."""
+
+    def __init__(self, *, cliprange_value: float, vf_coef: float):
+        self.cliprange_value, self.vf_coef = cliprange_value, vf_coef
+
+    def num_units(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return (batch["labels"] != -100).sum()
+
+    def __call__(self, values, batch: dict[str, torch.Tensor]):
+        values = values.full_tensor() if hasattr(values, "full_tensor") else values
+        v = values[..., 0].float()  # [b, T]
+        mask = batch["labels"] != -100
+        per, stats = value_loss(v, batch["old_values"].to(v), batch["returns"].to(v), mask,
+                                cliprange_value=self.cliprange_value)
+        loss_sum = (per * mask).sum()
+        return self.vf_coef * loss_sum, {"value_loss": loss_sum.detach(), "vf_clipfrac": (stats["clipfrac"] * mask).sum()}

@@ -1,0 +1,160 @@
+"""Online RL end to end on a tiny random model with SmolLM2's tokenizer: one GRPO step is the same at TP=2 and
+dp_shard=2 as on one process, the first epoch's ratio is 1, the reference page's metrics are all logged, and
+a resumed run continues the same trajectory (same rollouts, same losses)."""
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from helpers import REPO, free_port, subprocess_env, tiny_model
+
+from aligner.models.fetch import fetch_model
+from aligner.models.hf import save_hf_checkpoint
+
+HERE = Path(__file__).resolve().parent
+REWARDS = f"{HERE / 'online_rewards.py'}"
+REFERENCE_METRICS = ("eps", "objective/kl", "objective/entropy", "objective/non_score_reward", "objective/rlhf_reward",
+                     "objective/scores", "policy/approxkl_avg", "policy/clipfrac_avg", "loss/policy_avg",
+                     "policy/entropy_avg", "val/ratio", "val/ratio_var", "val/num_eos_tokens", "lr", "episode")
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory) -> Path:
+    smol = fetch_model("smollm2-135m-instruct")
+    model = tiny_model(seed=0, vocab_size=49152, tie_word_embeddings=True, num_hidden_layers=2)
+    model.config.bos_token_id, model.config.eos_token_id, model.config.pad_token_id = 1, 2, 2
+    out = tmp_path_factory.mktemp("tiny") / "model"
+    save_hf_checkpoint(model, model.config, out, tokenizer_dir=smol)
+    return out
+
+
+@pytest.fixture(scope="module")
+def prompts(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("prompts") / "prompts.jsonl"
+    rows = [{"prompt": f"What is {a} + {b}?", "solution": str(a + b)} for a, b in
+            [(1, 2), (3, 4), (5, 6), (7, 8), (2, 9), (4, 4), (6, 1), (8, 3)]]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def overrides(algorithm: str, model_dir: Path, out: Path, data: Path, **extra) -> list[str]:
+    length_key = "max_completion_length" if algorithm == "grpo" else "response_length"
+    kw = {
+        "model.path": model_dir, "model.arch": "null", "data.train": data, "data.validation": "null",
+        "trainer.output_dir": out, "trainer.global_batch_size": 4, "trainer.micro_batch_size": 4,
+        "trainer.max_seq_len": 128, "trainer.max_steps": 2, "trainer.save_interval": 0,
+        "trainer.val_check_interval": 0, "optim.lr": 1e-3, "optim.sched.name": "constant",
+        "logger.progress_bar": False, "generation.compile": False, "generation.dtype": "float32",
+        f"{algorithm}.{length_key}": 8, f"{algorithm}.reward_funcs": f"[{REWARDS}:length]",
+        f"{algorithm}.num_sample_generations": 1,
+    }
+    kw.update(extra)
+    return [f"{k}={v}" for k, v in kw.items()]
+
+
+def run(algorithm: str, args: list[str], nproc: int = 1) -> subprocess.CompletedProcess:
+    entry = REPO / "examples" / f"train_{algorithm}.py"
+    cmd = [sys.executable, str(entry), *args] if nproc == 1 else [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_addr", "127.0.0.1",
+        "--master_port", str(free_port()), str(entry), *args]
+    proc = subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, f"{' '.join(cmd)}:\n{(proc.stdout + proc.stderr)[-5000:]}"
+    return proc
+
+
+def metrics(out: Path) -> dict[int, dict]:
+    return {r["step"]: r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())}
+
+
+def test_grpo_step_is_the_same_at_tp2_and_dp_shard2(tiny_dir, prompts, tmp_path):
+    extra = {"grpo.num_generations": 4, "trainer.max_steps": 1}
+    results = {}
+    for name, layout, nproc in (("single", {}, 1), ("tp2", {"parallel.tp": 2}, 2), ("fsdp2", {"parallel.dp_shard": 2}, 2)):
+        out = tmp_path / name
+        run("grpo", overrides("grpo", tiny_dir, out, prompts, **extra, **layout), nproc=nproc)
+        results[name] = metrics(out)[1]
+    single = results["single"]
+    for key in REFERENCE_METRICS:
+        assert key in single, key
+    assert abs(single["val/ratio"] - 1.0) < 1e-6 and single["val/ratio_var"] < 1e-10  # first epoch: ratio 1
+    assert single["policy/clipfrac_avg"] == 0.0 and single["objective/kl"] == 0.0  # no reference (beta 0)
+    assert single["objective/scores_std"] > 0.0 and single["train/grad_norm"] > 0.0  # a real update
+    assert single["episode"] == 16.0
+    for name in ("tp2", "fsdp2"):
+        m = results[name]
+        assert m["objective/scores"] == pytest.approx(single["objective/scores"], abs=1e-6), name  # same rollouts
+        for key in ("loss/policy_avg", "policy/entropy_avg", "objective/entropy", "train/grad_norm"):
+            assert m[key] == pytest.approx(single[key], abs=1e-5), (name, key)
+
+
+def test_rloo_resume_continues_the_same_trajectory(tiny_dir, prompts, tmp_path):
+    common = {"rloo.num_ppo_epochs": 2, "rloo.rloo_k": 2, "trainer.max_steps": 4, "trainer.save_interval": 2}
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    run("rloo", overrides("rloo", tiny_dir, straight, prompts, **common))
+    run("rloo", overrides("rloo", tiny_dir, resumed, prompts, **{**common, "trainer.max_steps": 2}))
+    proc = run("rloo", overrides("rloo", tiny_dir, resumed, prompts, **common))
+    assert "resumed from" in proc.stdout + proc.stderr
+    a, b = metrics(straight), metrics(resumed)
+    for step in (1, 2, 3, 4):
+        for key in ("objective/scores", "objective/kl", "loss/policy_avg", "val/ratio"):
+            assert a[step][key] == b[step][key], (step, key)
+    # RLOO folds the KL into the reward: rlhf_reward = scores + non_score_reward, non_score = -kl_coef * kl.
+    for step in (1, 2, 3, 4):
+        m = a[step]
+        assert m["objective/rlhf_reward"] == pytest.approx(m["objective/scores"] + m["objective/non_score_reward"], abs=1e-6)
+        assert m["objective/non_score_reward"] == pytest.approx(-0.05 * m["objective/kl"], abs=1e-6)
+    assert a[1]["objective/kl"] == 0.0 and a[2]["objective/kl"] != 0.0  # the policy moved off the reference
+    assert a[1]["val/ratio_var"] > 0.0  # the second epoch's ratio is no longer 1
+    assert (straight / "samples" / "step_1.jsonl").is_file()
+    assert not math.isnan(a[4]["objective/kl"])
+
+
+def test_reinforce_uses_the_solution_column(tiny_dir, prompts, tmp_path):
+    out = tmp_path / "reinforce"
+    run("reinforce", overrides("reinforce", tiny_dir, out, prompts, **{
+        "reinforce.reward_funcs": f"[{REWARDS}:digits,{REWARDS}:matches_solution]", "reinforce.reward_weights": "[1.0,2.0]",
+        "trainer.max_steps": 1}))
+    m = metrics(out)[1]
+    # The weighted total is the score: digits + 2 * matches_solution, each logged with its mean.
+    assert m["objective/scores"] == pytest.approx(m["rewards/digits/mean"] + 2 * m["rewards/matches_solution/mean"], abs=1e-6)
+    assert 0.0 <= m["rewards/matches_solution/mean"] <= 1.0
+
+
+@pytest.fixture(scope="module")
+def tiny_rm(tmp_path_factory) -> Path:
+    from aligner.models.heads import attach_value_head
+
+    model = tiny_model(seed=1, vocab_size=49152, tie_word_embeddings=True, num_hidden_layers=2)
+    model.config.bos_token_id, model.config.eos_token_id, model.config.pad_token_id = 1, 2, 2
+    attach_value_head(model, std=0.5)
+    out = tmp_path_factory.mktemp("rm") / "model"
+    save_hf_checkpoint(model, model.config, out, tokenizer_dir=fetch_model("smollm2-135m-instruct"))
+    return out
+
+
+def test_ppo_with_a_reward_model_logs_every_metric_and_resumes(tiny_dir, tiny_rm, prompts, tmp_path):
+    common = {"ppo.reward_model.path": tiny_rm, "ppo.reward_model.arch": "null", "ppo.num_ppo_epochs": 1,
+              "ppo.reward_funcs": "[]", "trainer.max_steps": 2, "trainer.save_interval": 1}
+    out = tmp_path / "ppo"
+    run("ppo", overrides("ppo", tiny_dir, out, prompts, **common))
+    m = metrics(out)
+    for key in (*REFERENCE_METRICS, "loss/value_avg", "val/clipfrac_avg", "rollout/logprob_mismatch",
+                "objective/negative_kl_frac", "time/generation", "time/scoring", "time/training"):
+        assert key in m[1], key
+    assert m[1]["val/ratio"] == pytest.approx(1.0, abs=1e-6)  # one epoch: the ratio never leaves 1
+    assert m[1]["objective/kl"] == 0.0 and m[1]["loss/value_avg"] > 0.0
+    assert m[1]["rewards/reward_model/mean"] == pytest.approx(m[1]["objective/scores"], abs=1e-6)
+    # float32 engine vs training forward, also after an update: the engine was refit to the new weights.
+    assert m[1]["rollout/logprob_mismatch"] < 1e-4 and m[2]["rollout/logprob_mismatch"] < 1e-4
+    assert "time/refit" in m[2]
+    # The critic is in the checkpoint: a run resumed from step 1 repeats step 2 exactly.
+    resumed = tmp_path / "resumed"
+    run("ppo", overrides("ppo", tiny_dir, resumed, prompts, **{**common, "trainer.max_steps": 1}))
+    run("ppo", overrides("ppo", tiny_dir, resumed, prompts, **common))
+    r = metrics(resumed)
+    for key in ("objective/scores", "loss/policy_avg", "loss/value_avg", "objective/kl"):
+        assert r[2][key] == m[2][key], key
