@@ -98,7 +98,7 @@ def run_aligner(args, model_dir: str, order: list[list[int]]) -> dict:
     total = len(order)
     batches: list[dict] = []
     state = {"started": False}
-    next_batch, prepare, agreed = (preference.PreferenceBatches.next_batch, PolicyModel.prepare_for_training,
+    next_batch, prepare, agreed = (loop.SamplerBatches.next_batch, PolicyModel.prepare_for_training,
                                    loop.Preemption.agreed)
 
     def kept_batch(self):  # inside the loop's clock: only keeps a reference
@@ -118,7 +118,7 @@ def run_aligner(args, model_dir: str, order: list[list[int]]) -> dict:
         Turn.wait()  # the next step's go; after the last step, the go to wind down
         return agreed(self)
 
-    preference.PreferenceBatches.next_batch = kept_batch
+    loop.SamplerBatches.next_batch = kept_batch
     PolicyModel.prepare_for_training = prepare_then_wait
     loop.Preemption.agreed = report_then_wait
     output_dir = tempfile.mkdtemp(prefix="dpo_bench_aligner_")

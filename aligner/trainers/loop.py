@@ -33,6 +33,25 @@ class BatchSource(Protocol):
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
 
+class SamplerBatches:
+    """The :class:`BatchSource` of every trainer: this rank's indices from a resumable sampler, turned into
+    a batch by ``make_batch`` (SFT: collate; preference: collate plus reference log-probs; online RL: the
+    prompt indices themselves). The sampler's position is the checkpointed state."""
+
+    def __init__(self, sampler: Any, make_batch: Callable[[list[int]], Any] = lambda indices: indices):
+        self.sampler, self.make_batch = sampler, make_batch
+        self.steps_per_epoch = sampler.steps_per_epoch
+
+    def next_batch(self) -> Any:
+        return self.make_batch(self.sampler.next_batch())
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.sampler.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.sampler.load_state_dict(state)
+
+
 class Preemption:
     """Turns SIGTERM / SIGUSR1 (Slurm's ``--signal``) into a request to save and exit 0 after this step."""
 

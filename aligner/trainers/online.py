@@ -36,7 +36,7 @@ from aligner.logging import format_sample_table, save_samples
 from aligner.models.fetch import resolve_model_path
 from aligner.models.tokenizer import load_tokenizer
 from aligner.parallel.collectives import sum_over
-from aligner.trainers.loop import Hooks, run_training, start_run, total_steps_of
+from aligner.trainers.loop import Hooks, SamplerBatches, run_training, start_run, total_steps_of
 from aligner.trainers.online_batch import build_prompt_data, response_texts, rollout_batch
 from aligner.trainers.online_losses import PolicyGradientLoss, ValueLoss, scaled_token_logprobs
 from aligner.trainers.reference import SwappedReference
@@ -154,7 +154,7 @@ def train_online(algorithm: str, cfg) -> dict[str, float]:
         critic_cfg.model.path = str(resolve_model_path(critic_cfg.model.path))
         critic = PolicyModel(critic_cfg, run.pmesh, value_head=True)
         value_fn = ValueLoss(cliprange_value=a.cliprange_value, vf_coef=a.vf_coef)
-    eos_ids = {tokenizer.eos_id} | set(getattr(cfg.generation, "stop_token_ids", []) or [])
+    eos_ids = [tokenizer.eos_id]
     loss_fn = PolicyGradientLoss(
         temperature=s.temperature, cliprange=s.cliprange, cliprange_high=s.cliprange_high,
         sequence_level=s.sequence_level, aggregation=getattr(a, "loss_type", "token_mean"),
@@ -209,7 +209,7 @@ def train_online(algorithm: str, cfg) -> dict[str, float]:
         timers["time/generation"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         batch = rollout_batch(rollouts, tokenizer.pad_id)
-        texts = response_texts(rollouts, tokenizer, eos_ids)
+        texts = response_texts(rollouts, sampling, tokenizer, eos_ids)
         scores, reward_parts = score(indices, rollouts, texts, batch)
         timers["time/scoring"] = time.perf_counter() - t0
         t0 = time.perf_counter()
@@ -301,23 +301,11 @@ def train_online(algorithm: str, cfg) -> dict[str, float]:
             save_samples(run.output_dir, step, rows, headers=("query", "response", "score"))
         return out
 
-    class PromptBatches:
-        steps_per_epoch = sampler.steps_per_epoch
-
-        def next_batch(self):
-            return sampler.next_batch()
-
-        def state_dict(self):
-            return sampler.state_dict()
-
-        def load_state_dict(self, state):
-            sampler.load_state_dict(state)
-
     hooks = Hooks(step=step_fn, optimizer_steps_per_step=s.epochs * s.num_mini_batches,
                   step_tokens=lambda indices: float("nan"), extra_models={"critic": critic} if critic else {})
     if critic is not None:
         critic.set_total_steps(total * s.epochs * s.num_mini_batches)
-    return run_training(run, policy, PromptBatches(), loss_fn, hooks, model_dir=model_dir)
+    return run_training(run, policy, SamplerBatches(sampler), loss_fn, hooks, model_dir=model_dir)
 
 
 def _plain(t: torch.Tensor) -> torch.Tensor:

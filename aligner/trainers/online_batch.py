@@ -11,8 +11,9 @@ from typing import Any
 
 import torch
 
-from aligner.data import DataError, prompt_messages, read_records, validate_records
-from aligner.generation.engine import Rollouts
+from aligner.data import DataError, read_records, validate_records
+from aligner.generation.cli import prompt_token_ids, response_text
+from aligner.generation.engine import Rollouts, SamplingParams
 
 
 @dataclass
@@ -47,10 +48,8 @@ def build_prompt_data(path: str, tokenizer: Any, max_prompt_len: int, overlong: 
         raise DataError("data.train is not set; pass data.train=prompts.jsonl ({\"prompt\": ..., <extra columns>} "
                         "per line)")
     records, _ = validate_records(read_records(path), "prompt")
-    texts = [tokenizer.apply_chat_template(prompt_messages(r["prompt"]), add_generation_prompt=True)
-             for r, _ in records]
     data = PromptData([], [], str(path))
-    for (record, _), ids in zip(records, tokenizer.encode_batch(texts)):
+    for (record, _), ids in zip(records, prompt_token_ids([r for r, _ in records], tokenizer)):
         if len(ids) > max_prompt_len:
             if overlong == "drop":
                 data.n_dropped += 1
@@ -87,12 +86,8 @@ def rollout_batch(rollouts: Rollouts, pad_id: int) -> dict[str, torch.Tensor]:
     return {"tokens": tokens, "attention_mask": mask, "labels": labels, "engine_logps": engine}
 
 
-def response_texts(rollouts: Rollouts, tokenizer: Any, eos_ids: set[int]) -> list[str]:
-    """Each response decoded without the EOS token that ended it."""
-    out = []
-    for ids, reason in zip(rollouts.response_token_ids, rollouts.finish_reasons):
-        ids = list(ids)
-        if reason == "eos" and ids and ids[-1] in eos_ids:
-            ids = ids[:-1]
-        out.append(tokenizer.decode(ids, skip_special_tokens=True))
-    return out
+def response_texts(rollouts: Rollouts, sampling: SamplingParams, tokenizer: Any, eos_ids: list[int]) -> list[str]:
+    """Each response as text, as ``aligner generate`` writes it: without the EOS or stop token that ended it,
+    and cut before a stop string."""
+    return [response_text(ids, reason, sampling, tokenizer, eos_ids)
+            for ids, reason in zip(rollouts.response_token_ids, rollouts.finish_reasons)]

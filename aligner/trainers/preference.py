@@ -7,7 +7,7 @@ reference model is needed (DPO, KTO; :mod:`aligner.trainers.reference`).
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -17,7 +17,7 @@ from aligner.data.preference_dataset import build_kto_datasets, build_preference
 from aligner.models.fetch import resolve_model_path
 from aligner.models.tokenizer import load_tokenizer
 from aligner.parallel.collectives import sum_over
-from aligner.trainers.loop import Hooks, Run, run_training, start_run
+from aligner.trainers.loop import Hooks, SamplerBatches, run_training, start_run
 from aligner.trainers.preference_losses import (
     NEEDS_REFERENCE,
     KTOLoss,
@@ -50,27 +50,6 @@ def kto_weight_warning(n_desirable: int, n_undesirable: int, desirable_weight: f
             f"{n_desirable} / ({undesirable_weight} * {n_undesirable}) = {ratio:.3f} is outside [1, 4/3], the range "
             f"the KTO paper recommends; set kto.desirable_weight between {lo:.3f} and {lo * 4 / 3:.3f} (or "
             f"rebalance the data)")
-
-
-class PreferenceBatches:
-    """Each step's share of the global batch, with what the loss needs besides tokens: the reference's
-    log-probs (DPO, KTO) and KTO's reference point ``kl`` estimated on mismatched prompt/completion rows."""
-
-    def __init__(self, data, sampler: ResumableDistributedSampler, extras: Callable[[list[int], dict], None]):
-        self.data, self.sampler, self.extras = data, sampler, extras
-        self.steps_per_epoch = sampler.steps_per_epoch
-
-    def next_batch(self) -> dict[str, torch.Tensor]:
-        indices = self.sampler.next_batch()
-        batch = self.data.batch(indices)
-        self.extras(indices, batch)
-        return batch
-
-    def state_dict(self) -> dict[str, Any]:
-        return self.sampler.state_dict()
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.sampler.load_state_dict(state)
 
 
 class ReferenceSource:
@@ -168,7 +147,12 @@ def train_preference(algorithm: str, cfg) -> dict[str, float]:
 
     sampler = ResumableDistributedSampler(len(train_data), policy.dp_rank, policy.dp_size,
                                           cfg.trainer.global_batch_size, seed=cfg.trainer.seed)
-    batches = PreferenceBatches(train_data, sampler, lambda idx, b: add_extras("train", train_data, idx, b))
+    def train_batch(indices: list[int]) -> dict[str, torch.Tensor]:
+        batch = train_data.batch(indices)
+        add_extras("train", train_data, indices, batch)  # reference log-probs, KTO's KL point
+        return batch
+
+    batches = SamplerBatches(sampler, train_batch)
     hooks = Hooks(step_tokens=lambda batch: float(sum_over(real_tokens(batch), policy.pmesh["dp"])))
     if kto:
         hooks.train_metrics = finish_kto_metrics

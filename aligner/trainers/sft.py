@@ -4,9 +4,6 @@
 """
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Any
-
 import torch
 
 from aligner.config import load_config
@@ -15,7 +12,7 @@ from aligner.models.fetch import resolve_model_path
 from aligner.models.tokenizer import load_tokenizer
 from aligner.parallel import cross_entropy
 from aligner.parallel.collectives import sum_over
-from aligner.trainers.loop import Hooks, Run, run_training, start_run
+from aligner.trainers.loop import Hooks, Run, SamplerBatches, run_training, start_run
 from aligner.trainers.samples import SampleTable, greedy_responses
 from aligner.wrappers import PolicyModel
 
@@ -29,23 +26,6 @@ class SFTLoss:
     def __call__(self, logits, batch: dict[str, torch.Tensor]):
         # logits [B, T, V] (vocab-sharded DTensor under TP); labels are already shifted.
         return cross_entropy(logits, batch["labels"], reduction="sum"), {}
-
-
-class SFTBatches:
-    """Each step's share of the global batch for this data-parallel rank, resumable."""
-
-    def __init__(self, data, sampler: ResumableDistributedSampler):
-        self.data, self.sampler = data, sampler
-        self.steps_per_epoch = sampler.steps_per_epoch
-
-    def next_batch(self) -> dict[str, torch.Tensor]:
-        return self.data.batch(self.sampler.next_batch())
-
-    def state_dict(self) -> dict[str, Any]:
-        return self.sampler.state_dict()
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.sampler.load_state_dict(state)
 
 
 def real_tokens(batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -97,7 +77,7 @@ def train_sft(cfg) -> dict[str, float]:
     policy = PolicyModel(cfg, run.pmesh)
     sampler = ResumableDistributedSampler(len(train_data), policy.dp_rank, policy.dp_size,
                                           cfg.trainer.global_batch_size, seed=cfg.trainer.seed)
-    batches = SFTBatches(train_data, sampler)
+    batches = SamplerBatches(sampler, train_data.batch)
     loss_fn = SFTLoss()
     hooks = Hooks(step_tokens=lambda batch: float(sum_over(real_tokens(batch), policy.pmesh["dp"])))
     if val_data is not None:

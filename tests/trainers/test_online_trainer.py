@@ -23,16 +23,6 @@ REFERENCE_METRICS = ("eps", "objective/kl", "objective/entropy", "objective/non_
 
 
 @pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory) -> Path:
-    smol = fetch_model("smollm2-135m-instruct")
-    model = tiny_model(seed=0, vocab_size=49152, tie_word_embeddings=True, num_hidden_layers=2)
-    model.config.bos_token_id, model.config.eos_token_id, model.config.pad_token_id = 1, 2, 2
-    out = tmp_path_factory.mktemp("tiny") / "model"
-    save_hf_checkpoint(model, model.config, out, tokenizer_dir=smol)
-    return out
-
-
-@pytest.fixture(scope="module")
 def prompts(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("prompts") / "prompts.jsonl"
     rows = [{"prompt": f"What is {a} + {b}?", "solution": str(a + b)} for a, b in
