@@ -6,6 +6,8 @@ setup(
     version="0.1.0",
     description="Align LLMs (SFT, RM, DPO family, KTO, PPO, RLOO, GRPO, self-rewarding) with TP/PP/FSDP in plain PyTorch",
     packages=find_packages(include=["aligner", "aligner.*"]),
+    # The judge prompt templates are data files inside aligner.judges (no MANIFEST.in: list them here).
+    package_data={"aligner.judges": ["templates/*.jinja"]},
     python_requires=">=3.10",
     # torch is pinned in the Makefile (CPU wheel here, the container's build on GPUs); >= keeps either.
     install_requires=[

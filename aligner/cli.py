@@ -13,7 +13,8 @@ import sys
 # Algorithm name -> module whose main(argv) runs it (the same as examples/train_<name>.py).
 TRAINERS = {"sft": "aligner.trainers.sft", **{name: "aligner.trainers.preference"
                                               for name in ("rm", "dpo", "kto", "cpo", "orpo", "simpo")},
-            **{name: "aligner.trainers.online" for name in ("ppo", "grpo", "rloo", "reinforce")}}
+            **{name: "aligner.trainers.online" for name in ("ppo", "grpo", "rloo", "reinforce")},
+            "self_rewarding": "aligner.trainers.self_rewarding"}
 
 
 def _fetch_model(argv: list[str]) -> int:

@@ -57,3 +57,14 @@ def run_torchrun(script: str | Path, nproc: int, *args: str, timeout: int = 300)
     if proc.returncode != 0:
         raise AssertionError(f"torchrun {script} exited {proc.returncode}:\n{out[-6000:]}")
     return out
+
+
+def run_entry(script: str | Path, args: list[str], nproc: int = 1, timeout: int = 900) -> subprocess.CompletedProcess:
+    """Run a training entry point (``python script args``, or under torchrun with ``nproc`` gloo processes);
+    fail with the end of its output when it exits non-zero."""
+    cmd = [sys.executable, str(script), *args] if nproc == 1 else [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_addr", "127.0.0.1",
+        "--master_port", str(free_port()), str(script), *args]
+    proc = subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, f"{' '.join(cmd)}:\n{(proc.stdout + proc.stderr)[-5000:]}"
+    return proc

@@ -10,6 +10,10 @@ from aligner.algorithms.policy_loss import (
 from aligner.algorithms.preference import cpo_loss, dpo_loss, log1mexp, orpo_loss, simpo_loss
 from aligner.algorithms.reward import bradley_terry_loss
 from aligner.algorithms.rewards import accuracy, format_reward, last_number, parse_number
+from aligner.algorithms.self_rewarding import (
+    BAD_REASONS, PairChoice, choose_pair, comparison_pairs, disagreement, elo_ratings, length_control_at,
+    meta_judge_pair, score_stats, wins_from_comparisons,
+)
 from aligner.algorithms.sequence import last_token_values, sequence_logps
 
 __all__ = [
@@ -20,4 +24,7 @@ __all__ = [
     "kl_k2", "kl_k3", "ppo_policy_loss", "reinforce_loo_advantages", "rloo_advantages", "value_loss", "whiten",
     # rule rewards, referenced by import path: aligner.algorithms.rewards:accuracy
     "accuracy", "format_reward", "last_number", "parse_number",
+    # self-rewarding and meta-rewarding
+    "BAD_REASONS", "PairChoice", "choose_pair", "comparison_pairs", "disagreement", "elo_ratings",
+    "length_control_at", "meta_judge_pair", "score_stats", "wins_from_comparisons",
 ]

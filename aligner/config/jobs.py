@@ -8,10 +8,12 @@ checks every key against it.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, make_dataclass
-from typing import Optional
+from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
 
+# The judge's verdict formats are defined beside the parser that reads them (a leaf module, no imports).
+from aligner.judges.parsing import DEFAULT_SCORE_REGEX, DEFAULT_WINNER_REGEX
 from aligner.config.schema import (
     DataConfig,
     GenerationConfig,
@@ -179,6 +181,36 @@ class ReinforceConfig:
     reward_weights: Optional[list[float]] = None
 
 
+@dataclass
+class SelfRewardingConfig:
+    """Self-rewarding (and meta-rewarding) DPO: the policy answers each prompt several times, judges its own
+    answers with an LLM-as-judge template, and trains on best-vs-worst pairs; the reference becomes the
+    current policy at the end of every iteration. Defaults follow the NeMo-Aligner pull request."""
+
+    max_iterations: int = 3  # rounds of generate -> judge -> DPO; each is trainer.max_epochs over the prompts
+    num_responses_to_gen: int = 4  # responses sampled per prompt (generation.* sets how)
+    num_evals_to_average: int = 3  # judgements per response, averaged
+    judge_template: Optional[str] = None  # Jinja file with {{ prompt }} and {{ response }}; null: the built-in rubric
+    judge_score_regex: str = DEFAULT_SCORE_REGEX  # group 1 is the score; the last match in the judgement counts
+    judge_score_low: float = 0.0  # scores outside [low, high] count as unparsed
+    judge_score_high: float = 5.0
+    judge_max_new_tokens: int = 128  # length cap of one judgement
+    # Text the judge's reply starts with (put after the chat template opens the assistant turn, and parsed as part
+    # of the judgement): "Score:" makes a small model give its number first.
+    judge_prefill: str = ""
+    length_control: Any = 0.0  # rho: a number, or one per iteration ([0, 0, 0.1]); 0 = off
+    preference_loss: str = choice("dpo", "dpo", "ipo", "hinge")  # dpo is the sigmoid loss
+    beta: float = 0.1  # KL strength to the reference (NeMo-Aligner's ref_policy_kl_penalty)
+    label_smoothing: float = 0.0
+    sft_loss_weight: float = 0.0  # weight of the NLL on the chosen response; 0 = plain DPO
+    use_meta_judge: bool = False  # meta-rewarding: also train the judge on its own best-vs-worst judgements
+    meta_judge_pcnt: float = 0.1  # at most this share of each global batch is meta-judge pairs; keep <= 0.15
+    meta_judge_template: Optional[str] = None  # Jinja file; null: the built-in pairwise judgement comparison
+    meta_judge_winner_regex: str = DEFAULT_WINNER_REGEX  # group 1 is A or B; the last match counts
+    meta_judge_max_new_tokens: int = 128  # length cap of one meta-judgement
+    meta_judge_prefill: str = ""  # the meta-judge's reply starts with this, e.g. "Winner: Judgement"
+
+
 # The sections every job has, in the order the resolved config.yaml lists them.
 COMMON_SECTIONS: tuple[tuple[str, type], ...] = (
     ("model", ModelConfig),  # the policy (and, for DPO and PPO, the reference's initial weights)
@@ -224,6 +256,7 @@ RLOOJobConfig = job_schema("RLOOJobConfig", "rloo", RLOOConfig, generation=True)
 GRPOJobConfig = job_schema("GRPOJobConfig", "grpo", GRPOConfig, generation=True)
 ReinforceJobConfig = job_schema("ReinforceJobConfig", "reinforce", ReinforceConfig, generation=True)
 PPOJobConfig = job_schema("PPOJobConfig", "ppo", PPOConfig, generation=True)
+SelfRewardingJobConfig = job_schema("SelfRewardingJobConfig", "self_rewarding", SelfRewardingConfig, generation=True)
 
 # Algorithm name -> job schema. The name is also the schema's own section and the conf/<name>.yaml file.
 JOB_SCHEMAS: dict[str, type] = {
@@ -238,6 +271,7 @@ JOB_SCHEMAS: dict[str, type] = {
     "grpo": GRPOJobConfig,
     "reinforce": ReinforceJobConfig,
     "ppo": PPOJobConfig,
+    "self_rewarding": SelfRewardingJobConfig,
     "generate": GenerateJobConfig,
 }
 

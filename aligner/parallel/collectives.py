@@ -1,6 +1,8 @@
 """The few cross-rank agreements the training loop needs, so trainers never call torch.distributed."""
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh
@@ -34,3 +36,13 @@ def shutdown() -> None:
     """Tear down the default process group if one is up."""
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def gather_objects(obj: Any, mesh: DeviceMesh | None = None) -> list[Any]:
+    """Every rank's picklable ``obj`` over the ranks of ``mesh`` (all ranks when None), in rank order."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return [obj]
+    group = mesh.get_group() if mesh is not None else None
+    out: list[Any] = [None] * dist.get_world_size(group)
+    dist.all_gather_object(out, obj, group=group)
+    return out

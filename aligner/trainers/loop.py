@@ -129,8 +129,10 @@ class Hooks:
     # per loop step.
     step: Callable[[dict[str, Any], int], dict[str, float]] | None = None
     optimizer_steps_per_step: int = 1
-    # More trained models whose state goes into every checkpoint beside the policy (PPO's critic).
-    extra_models: dict[str, Alignable] = field(default_factory=dict)
+    # More state that goes into every checkpoint beside the policy (PPO's critic, self-rewarding's reference).
+    extra_models: dict[str, Any] = field(default_factory=dict)
+    # Steps of the run when it is not trainer.max_steps / max_epochs of the data (self-rewarding's iterations).
+    total_steps: int | None = None
 
 
 def run_training(run: Run, policy: Alignable, batches: BatchSource, loss_fn: LossFn, hooks: Hooks,
@@ -141,7 +143,7 @@ def run_training(run: Run, policy: Alignable, batches: BatchSource, loss_fn: Los
     """
     cfg = run.cfg
     tcfg = cfg.trainer
-    total = total_steps_of(cfg, batches.steps_per_epoch)
+    total = hooks.total_steps if hooks.total_steps is not None else total_steps_of(cfg, batches.steps_per_epoch)
     policy.set_total_steps(total * hooks.optimizer_steps_per_step)
     state = {"step": 0, "consumed_samples": 0}
     logger = MetricsLogger(run.output_dir, cfg.logger, run.rank, run_config=cfg)

@@ -17,6 +17,7 @@ from contextlib import contextmanager
 from typing import Any, Callable
 
 import torch
+from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
 from torch.distributed.tensor import DTensor
 
 from aligner.parallel.collectives import sum_over
@@ -86,6 +87,25 @@ class SwappedReference:
         """Summed response log-probs of ``batch``'s rows under the initial weights: ``[N]``."""
         with self.swapped_in():
             return policy_logps(self.policy, batch, rows_per_example)
+
+    def capture(self) -> None:
+        """Make the model's current weights the reference (self-rewarding: at the end of an iteration)."""
+        with torch.no_grad():
+            for p, init in zip(self.params, self.initial):
+                init.copy_(_local(p))
+
+    # A checkpoint holds the reference beside the policy when it is not the initial model any more
+    # (self-rewarding): the same names and layout as the policy's weights, so it reshards like them.
+    def state_dict(self) -> dict[str, Any]:
+        """``{"model": ...}``: copies of the reference weights under the policy's full-model names."""
+        with self.swapped_in():
+            return {"model": {k: v.detach().clone() for k, v in get_model_state_dict(self.policy.model).items()}}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Take the reference weights from a checkpoint; the model keeps its own (trained) weights."""
+        with self.swapped_in():
+            set_model_state_dict(self.policy.model, state["model"])
+            self.capture()
 
 
 class PrecomputedReference:

@@ -8,6 +8,7 @@ two-sentence answer; ``rejected`` is unhelpful (a curt dismissal, a refusal with
 behind a rude word), a consistent flaw that DPO on SmolLM2-135M-Instruct learns in a short CPU run, and that
 the base model does not already disprefer by summed log-prob (short replies score high). The KTO files use the same prompts: each
 prompt once, with its chosen (label true) or its rejected reply (label false), 6 desirable per 5 undesirable.
+The self-rewarding files hold the first 64 training and 8 validation questions as bare prompts.
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from pathlib import Path
 
 SEED = 1234
 N_TRAIN, N_VAL = 400, 100
+N_SELF_REWARDING_TRAIN, N_SELF_REWARDING_VAL = 64, 8
 HERE = Path(__file__).resolve().parent
 
 CAPITALS = {
@@ -290,7 +292,7 @@ def write_jsonl(path: Path, records: list[dict]) -> None:
 
 
 def main() -> None:
-    """Write the four files next to this script."""
+    """Write the six files next to this script."""
     pairs = make_pairs(random.Random(SEED))
     if len(pairs) < N_TRAIN + N_VAL:
         raise SystemExit(f"only {len(pairs)} distinct questions; the templates must give {N_TRAIN + N_VAL}")
@@ -299,6 +301,9 @@ def main() -> None:
     write_jsonl(HERE / "preference_val.jsonl", val)
     write_jsonl(HERE / "kto_train.jsonl", kto_records(train))
     write_jsonl(HERE / "kto_val.jsonl", kto_records(val))
+    # Self-rewarding needs prompts only: the first questions of each split (the model writes and judges answers).
+    write_jsonl(HERE / "self_rewarding_train.jsonl", [{"prompt": p["prompt"]} for p in train[:N_SELF_REWARDING_TRAIN]])
+    write_jsonl(HERE / "self_rewarding_val.jsonl", [{"prompt": p["prompt"]} for p in val[:N_SELF_REWARDING_VAL]])
     print(f"wrote {len(train)} train and {len(val)} validation pairs ({len(pairs)} questions available)")
 
 

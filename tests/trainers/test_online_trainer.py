@@ -6,11 +6,10 @@ from __future__ import annotations
 import json
 import math
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-from helpers import REPO, free_port, subprocess_env, tiny_model
+from helpers import REPO, run_entry, tiny_model
 
 from aligner.models.fetch import fetch_model
 from aligner.models.hf import save_hf_checkpoint
@@ -47,13 +46,7 @@ def overrides(algorithm: str, model_dir: Path, out: Path, data: Path, **extra) -
 
 
 def run(algorithm: str, args: list[str], nproc: int = 1) -> subprocess.CompletedProcess:
-    entry = REPO / "examples" / f"train_{algorithm}.py"
-    cmd = [sys.executable, str(entry), *args] if nproc == 1 else [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_addr", "127.0.0.1",
-        "--master_port", str(free_port()), str(entry), *args]
-    proc = subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, f"{' '.join(cmd)}:\n{(proc.stdout + proc.stderr)[-5000:]}"
-    return proc
+    return run_entry(REPO / "examples" / f"train_{algorithm}.py", args, nproc, timeout=600)
 
 
 def metrics(out: Path) -> dict[int, dict]:
