@@ -203,6 +203,7 @@ def train_online(algorithm: str, cfg) -> dict[str, float]:
                                   max_new_tokens=s.max_new_tokens, min_new_tokens=cfg.generation.min_new_tokens,
                                   stop_token_ids=list(cfg.generation.stop_token_ids),
                                   stop_strings=list(cfg.generation.stop_strings), n=s.k, seed=seed,
+                                  ignore_eos=cfg.generation.ignore_eos,
                                   prompt_index_offset=policy.dp_rank * len(indices))
         rollouts = policy.generate([prompts.token_ids[i] for i in indices], sampling)
         policy.finish_inference()
