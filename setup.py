@@ -32,6 +32,6 @@ setup(
         # bench/sft_step.py and bench/dpo_step.py measure against TRL's trainers (the version RESULTS.md used).
         "bench": ["trl==1.16.0", "transformers>=4.46", "accelerate", "datasets"],
     },
-    entry_points={"console_scripts": ["aligner=aligner.cli:main"]},
+    entry_points={"console_scripts": ["aligner=aligner.cli:run"]},
     include_package_data=True,
 )

@@ -9,6 +9,7 @@ import argparse
 import importlib
 import os
 import sys
+from typing import NoReturn
 
 # Algorithm name -> module whose main(argv) runs it (the same as examples/train_<name>.py).
 TRAINERS = {"sft": "aligner.trainers.sft", **{name: "aligner.trainers.preference"
@@ -121,5 +122,13 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
 
+def run(argv: list[str] | None = None) -> NoReturn:
+    """The process entry (the ``aligner`` console script, ``examples/*.py``): :func:`main`, then end the process
+    without interpreter shutdown once torch.distributed ran (see ``aligner/parallel/process_exit.py``)."""
+    from aligner.parallel.process_exit import exit_after
+
+    exit_after(main, argv)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

@@ -6,7 +6,7 @@ works under torchrun and srun.
 """
 import sys
 
-from aligner.cli import main
+from aligner.cli import run
 
 if __name__ == "__main__":
-    sys.exit(main(["train", "ppo", *sys.argv[1:]]))
+    run(["train", "ppo", *sys.argv[1:]])

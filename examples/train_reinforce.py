@@ -6,7 +6,7 @@
 """
 import sys
 
-from aligner.cli import main
+from aligner.cli import run
 
 if __name__ == "__main__":
-    sys.exit(main(["train", "reinforce", *sys.argv[1:]]))
+    run(["train", "reinforce", *sys.argv[1:]])

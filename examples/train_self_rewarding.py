@@ -8,7 +8,7 @@ works under torchrun and srun.
 """
 import sys
 
-from aligner.cli import main
+from aligner.cli import run
 
 if __name__ == "__main__":
-    sys.exit(main(["train", "self_rewarding", *sys.argv[1:]]))
+    run(["train", "self_rewarding", *sys.argv[1:]])

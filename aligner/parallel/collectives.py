@@ -32,12 +32,6 @@ def barrier() -> None:
         dist.barrier()
 
 
-def shutdown() -> None:
-    """Tear down the default process group if one is up."""
-    if dist.is_initialized():
-        dist.destroy_process_group()
-
-
 def gather_objects(obj: Any, mesh: DeviceMesh | None = None) -> list[Any]:
     """Every rank's picklable ``obj`` over the ranks of ``mesh`` (all ranks when None), in rank order."""
     if not dist.is_initialized() or dist.get_world_size() == 1:

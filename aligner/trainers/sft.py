@@ -104,4 +104,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from aligner.parallel.process_exit import exit_after
+
+    exit_after(main)

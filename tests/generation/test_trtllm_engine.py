@@ -316,4 +316,6 @@ def _two_rank_worker() -> None:
 
 
 if __name__ == "__main__":
-    _two_rank_worker()
+    from aligner.parallel.process_exit import exit_after
+
+    exit_after(_two_rank_worker)

@@ -22,6 +22,7 @@ from helpers import tiny_config  # noqa: E402  (ckpt_train_state put tests/ on t
 from aligner.checkpoint import find_resume_checkpoint, load_checkpoint, save_checkpoint  # noqa: E402
 from aligner.checkpoint.rng import seed_all  # noqa: E402
 from aligner.parallel import ParallelDims, build_mesh, build_parallel_model, init_distributed  # noqa: E402
+from aligner.parallel.process_exit import end_process  # noqa: E402
 
 
 def build(layout: dict, world: int, seed: int):
@@ -69,7 +70,7 @@ def main() -> None:
             results[json.dumps(layout)] = snapshot(pm, model, optimizer, scheduler, extra)
     if rank == 0:
         torch.save(results, results_file)
-    dist.destroy_process_group()
+    end_process()  # barrier, destroy, os._exit: see aligner/parallel/process_exit.py
 
 
 if __name__ == "__main__":

@@ -16,7 +16,6 @@ import sys
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 
@@ -27,6 +26,7 @@ from rollout_common import (  # noqa: E402
 
 from aligner.generation.parallel import _reshards_after_forward  # noqa: E402
 from aligner.parallel import ParallelDims, build_mesh, init_distributed  # noqa: E402
+from aligner.parallel.process_exit import end_process  # noqa: E402
 from aligner.wrappers import PolicyModel  # noqa: E402
 
 
@@ -83,7 +83,7 @@ def main() -> None:
     rank, world = init_distributed("gloo")
     for name, case in cases.items():
         run_case(name, case, out_dir, rank, world)
-    dist.destroy_process_group()
+    end_process()  # barrier, destroy, os._exit: see aligner/parallel/process_exit.py
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ from torch.distributed.tensor import DTensor
 
 from aligner.parallel import ParallelDims, build_mesh, build_parallel_model, init_distributed
 from aligner.parallel.loading import local_shard_index
+from aligner.parallel.process_exit import end_process
 
 
 def memory_kib(field: str) -> int:
@@ -64,7 +65,7 @@ def main() -> None:
     (Path(out_dir) / f"stats_rank{rank}.json").write_text(json.dumps(stats))
     if rank == 0:
         torch.save(logits, Path(out_dir) / "tiny_logits.pt")
-    dist.destroy_process_group()
+    end_process()  # barrier, destroy, os._exit: see aligner/parallel/process_exit.py
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ from torch.distributed.tensor import DTensor
 
 from aligner.parallel import ParallelDims, build_mesh, build_parallel_model, init_distributed
 from aligner.parallel.pipeline import PipelineRunner, stage_fns_this_rank, sync_tied_weights, tied_embedding_group
+from aligner.parallel.process_exit import end_process
 from pp_common import (N_MICROBATCHES, build_optimizer, make_batch, token_logprobs_vocab_parallel,
                        token_loss_share_vocab_parallel)
 from tests.helpers import tiny_config
@@ -79,7 +80,7 @@ def main(out: str) -> None:
     rank, world = init_distributed()
     results = {name: run_case(world, *case) for name, case in CASES.items()}
     torch.save(results, f"{out}.rank{rank}.pt")
-    dist.destroy_process_group()
+    end_process()  # barrier, destroy, os._exit: see aligner/parallel/process_exit.py
 
 
 if __name__ == "__main__":

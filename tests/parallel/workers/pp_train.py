@@ -13,6 +13,7 @@ from aligner.parallel.loading import build_parallel_model
 from aligner.parallel.mesh import ParallelDims, build_mesh, init_distributed
 from aligner.parallel.pipeline import (PipelineRunner, stage_fns_this_rank, stages_per_rank, sync_tied_weights,
                                        tied_embedding_group)
+from aligner.parallel.process_exit import end_process
 from pp_common import N_MICROBATCHES, build_optimizer, make_batch, token_logprobs, token_loss_share
 from tests.helpers import tiny_model
 
@@ -62,7 +63,7 @@ def main(out: str, checkpoint: str) -> None:
     results = {name: run_case(pmesh, tied_group, *case, checkpoint=checkpoint if name == "checkpoint" else None)
                for name, case in CASES.items()}
     torch.save(results, f"{out}.rank{rank}.pt")
-    torch.distributed.destroy_process_group()
+    end_process()  # barrier, destroy, os._exit: see aligner/parallel/process_exit.py
 
 
 if __name__ == "__main__":

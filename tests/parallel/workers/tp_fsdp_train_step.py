@@ -21,6 +21,7 @@ from helpers import run_torchrun, tiny_config  # noqa: E402
 from aligner.models import Transformer, attach_value_head  # noqa: E402
 from aligner.parallel import ParallelDims, build_mesh, build_parallel_model, cross_entropy, init_distributed  # noqa: E402
 from aligner.parallel.loading import seeded_init_  # noqa: E402
+from aligner.parallel.process_exit import end_process  # noqa: E402
 
 # Adam's first step moves each weight by about lr * g / (|g| + eps): its sensitivity to gradient
 # rounding is lr / eps. eps=1e-4 keeps that at 10, so float32 reduction-order noise (~1e-7) cannot
@@ -193,7 +194,7 @@ def main() -> None:
     results = {name: run_case(case, world) for name, case in cases.items()}
     if rank == 0:
         torch.save(results, out_path)
-    dist.destroy_process_group()
+    end_process()  # barrier, destroy, os._exit: see aligner/parallel/process_exit.py
 
 
 if __name__ == "__main__":

@@ -8,11 +8,11 @@ saves everything; the test compares with ``log_softmax`` on the full logits.
 import sys
 
 import torch
-import torch.distributed as dist
 from torch.distributed.tensor import Shard, distribute_tensor
 from torch.distributed.tensor.debug import CommDebugMode
 
 from aligner.parallel import ParallelDims, build_mesh, cross_entropy, init_distributed, token_entropy, token_logprobs
+from aligner.parallel.process_exit import end_process
 
 
 def make_inputs(vocab: int, dtype: torch.dtype) -> dict:
@@ -49,7 +49,7 @@ def main() -> None:
         }
     if rank == 0:
         torch.save(results, out_path)
-    dist.destroy_process_group()
+    end_process()  # barrier, destroy, os._exit: see aligner/parallel/process_exit.py
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ from policy_common import TOTAL_STEPS, TokenLoss, full_weights, job_config, make
 from aligner.parallel import ParallelDims, build_mesh, init_distributed  # noqa: E402
 from aligner.wrappers import PolicyModel  # noqa: E402
 from aligner.wrappers.optimizer import optimizer_state_devices  # noqa: E402
+from aligner.parallel.process_exit import end_process  # noqa: E402
 
 
 def train(pmesh, offload: bool, mixed_precision: str):
@@ -44,7 +45,7 @@ def main() -> None:
         assert all(torch.equal(w0[k], w1[k]) for k in w0)
         assert {v.device.type for k, v in sd["optimizer"].items() if k.endswith("exp_avg")} == {"cpu"}
         print(f"OK {mixed_precision} offload: loss {[round(m['loss'], 5) for m in m1]}", flush=True)
-    dist.destroy_process_group()
+    end_process()  # barrier, destroy, os._exit: see aligner/parallel/process_exit.py
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ from policy_common import (  # noqa: E402
     TOTAL_STEPS, TokenLoss, dp_share, evaluate, full_weights, job_config, make_batch, run_steps, state_dict_keys)
 
 from aligner.parallel import ParallelDims, build_mesh, init_distributed  # noqa: E402
+from aligner.parallel.process_exit import end_process  # noqa: E402
 from aligner.wrappers import PolicyModel  # noqa: E402
 
 
@@ -58,7 +59,7 @@ def main() -> None:
     rank, world = init_distributed("gloo")
     for name, case in cases.items():
         run_case(name, case, out_dir, rank, world)
-    dist.destroy_process_group()
+    end_process()  # barrier, destroy, os._exit: see aligner/parallel/process_exit.py
 
 
 if __name__ == "__main__":
