@@ -37,13 +37,13 @@ Settings, matched between the two:
              model), one pass (``num_iterations=1``), token-mean loss over the step's completion tokens
              (aligner's ``token_mean`` = TRL's ``dapo``); one optimizer step per generation round (aligner: one
              mini-batch; TRL: ``gradient_accumulation_steps`` = ``steps_per_generation`` = prompts x generations /
-             micro-batch). aligner recomputes the old log-probs with a no-grad forward every step; TRL skips that
-             forward when generation and optimizer steps line up, as they do here.
+             micro-batch). With one optimizer step per generation round neither side runs a no-grad forward for
+             the old log-probs: the training forward's own, detached, are the old ones (ratio exactly 1).
   batch      ``--micro-batch`` completions per forward/backward (aligner ``trainer.micro_batch_size``, TRL
-             ``per_device_train_batch_size``). aligner's engine decodes every one of its ``generation.max_batch_size``
-             KV-cache slots at each step, occupied or not, and the config default is 64; it gets as many slots as
-             the step has completions (TRL's ``generate`` runs exactly those rows) unless ``--engine-slots`` says
-             otherwise (``--engine-slots 64``: the trainer as configured by default).
+             ``per_device_train_batch_size``). aligner's engine as configured by default
+             (``generation.max_batch_size`` 64, the most KV-cache slots): each call allocates and decodes one slot
+             per completion, rounded up to a power of two (16 here; TRL's ``generate`` runs exactly those rows).
+             ``--engine-slots N`` sets ``generation.max_batch_size`` instead.
   optimizer  AdamW, lr 1e-6 (conf/grpo.yaml), betas (0.9, 0.999), eps 1e-8, weight decay 0, clip 1.0, cosine, no
              warmup; each library its own AdamW (both fused on CPU).
   precision  float32: float32 weights, training and generation (aligner ``generation.dtype=float32``). bfloat16:
@@ -77,9 +77,9 @@ def min_new_tokens(args) -> int:
     return 0 if args.sample_eos else args.max_completion_length
 
 
-def engine_slots(args) -> int:
-    """aligner's KV-cache slots (``generation.max_batch_size``): the step's completions unless ``--engine-slots``."""
-    return args.engine_slots or args.prompts * args.num_generations
+def engine_slots(args) -> int | None:
+    """aligner's ``generation.max_batch_size`` when ``--engine-slots`` sets it; None: the config's."""
+    return args.engine_slots or None
 
 
 def aligner_overrides(args, model_dir: str, output_dir: str, total: int) -> list[str]:
@@ -97,14 +97,14 @@ def aligner_overrides(args, model_dir: str, output_dir: str, total: int) -> list
         f"grpo.epsilon={EPSILON}", "grpo.loss_type=token_mean", "grpo.scale_rewards=group",
         "generation.top_k=0", "generation.top_p=1.0",
         f"generation.min_new_tokens={min_new_tokens(args)}", f"generation.dtype={args.precision}",
-        f"generation.max_batch_size={engine_slots(args)}",
-    ]
+    ] + ([f"generation.max_batch_size={engine_slots(args)}"] if engine_slots(args) else [])
 
 
 # ---------------------------------------------------------------------------------------------- aligner
 def run_aligner(args, model_dir: str, order: list[list[int]]) -> dict:
     """Run ``train_online("grpo")``, blocking between its steps; the generation time from its metrics.jsonl."""
     from aligner.config import load_config
+    from aligner.generation.torch_engine import slot_count
     from aligner.trainers import loop, online
     from aligner.wrappers import PolicyModel
 
@@ -139,8 +139,10 @@ def run_aligner(args, model_dir: str, order: list[list[int]]) -> dict:
     PolicyModel.prepare_for_training = prepare_then_wait
     loop.Preemption.agreed = report_then_wait
     output_dir = tempfile.mkdtemp(prefix="grpo_bench_aligner_")
+    cfg = load_config("grpo", aligner_overrides(args, model_dir, output_dir, total))
+    max_slots = cfg.generation.max_batch_size
     try:
-        online.train_online("grpo", load_config("grpo", aligner_overrides(args, model_dir, output_dir, total)))
+        online.train_online("grpo", cfg)
         metrics = read_jsonl(os.path.join(output_dir, "metrics.jsonl"))
     finally:
         shutil.rmtree(output_dir, ignore_errors=True)  # the final checkpoint
@@ -157,7 +159,8 @@ def run_aligner(args, model_dir: str, order: list[list[int]]) -> dict:
         "mean_loss": statistics.fmean(m["loss/policy_avg"] for m in metrics),
         "mean_reward": statistics.fmean(m["objective/scores"] for m in metrics),
         "setup": f"train_online('grpo'), parallel.mixed_precision={args.precision}, generation.dtype={args.precision}"
-                 f", generation.max_batch_size={engine_slots(args)}, generation.compile=True, optimizer "
+                 f", generation.max_batch_size={max_slots} ({slot_count(n, max_slots)} KV-cache slots per call), "
+                 f"generation.compile=True, optimizer "
                  f"torch.optim.{type(opt).__name__}(fused={opt.defaults.get('fused')})",
     }
 
@@ -276,7 +279,8 @@ def print_table(run: dict[str, dict], args) -> None:
     print(f"\nGRPO step, SmolLM2-135M-Instruct, {args.precision}, {args.prompts} prompts x {args.num_generations} "
           f"generations, max_completion_length {args.max_completion_length} "
           f"({'EOS sampled' if args.sample_eos else 'EOS suppressed: every completion full length'}), micro-batch "
-          f"{args.micro_batch}, aligner engine slots {engine_slots(args)}, temperature 1.0, beta 0, "
+          f"{args.micro_batch}, aligner generation.max_batch_size {engine_slots(args) or 'default'}, temperature "
+          f"1.0, beta 0, "
           f"lr {LEARNING_RATE:g}, {args.threads} threads, {args.steps} timed steps after {args.warmup} warm-up")
     print(f"{'side':<9}{'s/step':>9}{'gen s':>8}{'gen share':>11}{'other s':>9}{'tok/step':>10}{'gen tok/s':>11}"
           f"{'peak GiB':>10}{'reward':>8}")
@@ -318,7 +322,7 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=1, help="untimed steps first (aligner compiles its decode step)")
     p.add_argument("--threads", type=int, default=1, help="torch threads in each library's process")
     p.add_argument("--engine-slots", type=int, default=0,
-                   help="aligner's generation.max_batch_size; 0: prompts x num-generations (64 is the config default)")
+                   help="aligner's generation.max_batch_size; 0: as conf/grpo.yaml and the schema set it")
     p.add_argument("--sample-eos", action="store_true", help="let completions stop at EOS (lengths then differ)")
     p.add_argument("--data", default=str(REPO / "examples/data/arithmetic_train.jsonl"))
     p.add_argument("--child", choices=["aligner", "trl"], help=argparse.SUPPRESS)

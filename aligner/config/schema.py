@@ -190,7 +190,9 @@ class GenerationConfig:
     as RL training needs (docs/generation.md explains why top-k, top-p and a minimum length are off)."""
 
     backend: str = choice("torch", "torch", "trtllm")  # built-in KV-cache engine, or TensorRT-LLM (GPU container)
-    max_batch_size: int = 64  # sequences decoded at once (KV-cache slots); finished slots take waiting prompts
+    # Most sequences decoded at once (KV-cache slots): a call allocates one per sample up to this, rounded up to a
+    # power of two; finished slots take waiting samples.
+    max_batch_size: int = 64
     compile: bool = True  # torch.compile the decode step (CUDA graphs on GPU; TensorRT-LLM: its CUDA graphs)
     dtype: str = choice("auto", "auto", *DTYPES)  # auto: bfloat16 where the device supports it, else model.dtype
     temperature: float = _sampling_default("temperature")  # 0 = greedy

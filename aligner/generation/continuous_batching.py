@@ -30,7 +30,7 @@ class ContinuousBatch:
 
     def __init__(self, engine: TorchEngine, prompts: list[list[int]], sampling: SamplingParams):
         self.engine, self.prompts, self.sp = engine, prompts, sampling
-        B, dev = engine.max_batch_size, engine.device
+        B, dev = engine.slots, engine.device  # the cache rows this call's engine allocated
         self.items = [(i, j) for i in range(len(prompts)) for j in range(sampling.n)]
         self.waiting = deque(range(len(self.items)))
         self.results: list[tuple[list[int], list[float], str] | None] = [None] * len(self.items)

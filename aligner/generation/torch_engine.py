@@ -2,17 +2,20 @@
 
 How a ``generate`` call runs (one process; ``aligner.generation.parallel`` adds TP / FSDP / PP):
 
-1. Every sample (``n`` per prompt) waits in a queue. The KV cache has ``max_batch_size`` rows
-   ("slots"), each with its own length (:class:`aligner.models.kv_cache.RowKVCache`).
+1. Every sample (``n`` per prompt) waits in a queue. The KV cache has one row ("slot") per sample
+   the call can run at once: the call's sample count capped at ``max_batch_size``, rounded up to a
+   power of two (:func:`slot_count`). Each row has its own length
+   (:class:`aligner.models.kv_cache.RowKVCache`).
 2. Free slots take waiting samples: their prompts are prefilled together, right-padded (causal
    attention never looks right, so padding changes nothing), with logits computed only at each
    prompt's last token; samples of the same prompt share one prefill and copy its cache rows.
-3. A decode step feeds one token to every slot: always ``max_batch_size`` rows, so its shapes never
-   change and it is compiled once (``compile=True``; CUDA graphs on GPU). Each row attends to its own
-   prefix through a ``[B, 1, 1, W]`` mask built from per-row positions, where ``W`` is the longest
-   row's length rounded up to 64 (a dynamic dimension of the one compiled graph), so attention reads
-   only the used part of the cache. Idle and finished rows compute and are ignored. Tokens,
-   log-probs and finish flags stay on the device.
+3. A decode step feeds one token to every slot, so within a call its shapes never change; it is
+   compiled once per (slot count, cache length) and kept (``compile=True``; CUDA graphs on GPU), so
+   calls of a size seen before re-trace nothing. Each row attends to its own prefix through a
+   ``[B, 1, 1, W]`` mask built from per-row positions, where ``W`` is the longest row's length rounded
+   up to 64 (a dynamic dimension of the compiled graph), so attention reads only the used part of the
+   cache. Idle and finished rows compute and are ignored (the power-of-two rounding leaves fewer than
+   half the slots idle). Tokens, log-probs and finish flags stay on the device.
 4. Every ``sync_every`` steps the host reads one small tensor (which rows finished, or produced a
    token that could complete a stop string), collects finished rows and refills their slots.
 
@@ -61,6 +64,16 @@ def generation_dtype(dtype: str | torch.dtype | None, device: torch.device, mode
     return _DTYPES[dtype]
 
 
+def slot_count(samples: int, max_batch_size: int) -> int:
+    """KV-cache slots for a call of ``samples`` sequences: one per sample up to ``max_batch_size`` (more
+    wait for a free slot), rounded up to a power of two (capped at ``max_batch_size``) so that calls of
+    similar sizes share one compiled decode step."""
+    if samples < 1 or max_batch_size < 1:
+        raise ValueError(f"slot_count: samples={samples} and max_batch_size={max_batch_size} must be >= 1")
+    wanted = min(samples, max_batch_size)
+    return min(max_batch_size, 1 << (wanted - 1).bit_length())
+
+
 def _eos_ids(model: nn.Module, tokenizer_or_eos_ids: Any) -> tuple[list[int], Any]:
     """(EOS ids, tokenizer or None): the tokenizer's EOS plus the model config's ``eos_token_id``."""
     if isinstance(tokenizer_or_eos_ids, int) or (
@@ -87,7 +100,8 @@ class TorchEngine:
         tokenizer_or_eos_ids: a tokenizer (``eos_id`` / ``eos_token_id`` and ``decode``; needed for
             ``stop_strings``) or the EOS token ids. With a tokenizer, the model config's
             ``eos_token_id`` counts as EOS too; a list of ids is taken as the complete set.
-        max_batch_size: KV-cache slots: sequences decoded at once.
+        max_batch_size: most KV-cache slots (sequences decoded at once); each call allocates only
+            :func:`slot_count` of them (its sample count, rounded up to a power of two).
         max_seq_len: cache length per slot (prompt + response); None sizes it from each call (the
             longest prompt + ``max_new_tokens``, rounded up to 256, grown when a call needs more).
         dtype: ``"auto"`` | ``"float32"`` | ``"bfloat16"`` | ``"float16"`` | a torch dtype | None (the
@@ -115,10 +129,13 @@ class TorchEngine:
         self._weights: dict[str, torch.Tensor] | None = None  # cast copy, only when dtypes differ
         self._caches: dict | None = None
         self._cache_len = 0
-        self._traced_cache_len: int | None = None  # cache length the compiled decode step runs with
+        self._slots = 0
+        # Compiled decode steps by (slots, cache length): graphs skip guards on modules (the caches
+        # included), so each cache shape needs its own; kept, so a size seen before re-traces nothing.
+        self._decoders: dict[tuple[int, int], Any] = {}
         self._token_texts: list[str] | None = None
         self._closed = False
-        self.decode = self._compiled(self._decode_step) if compile else self._decode_step
+        self.decode = self._decode_step
 
     # ---------------------------------------------------------------- GenerationEngine
     @torch.no_grad()
@@ -136,7 +153,7 @@ class TorchEngine:
         if not prompts:
             return Rollouts([], [], [], [])
         self._ensure_weights()
-        self._ensure_cache(max(map(len, prompts)) + sampling.max_new_tokens)
+        self._ensure_cache(max(map(len, prompts)) + sampling.max_new_tokens, len(prompts) * sampling.n)
         batch = ContinuousBatch(self, prompts, sampling)
         with self._caches_attached():
             batch.loop()
@@ -147,10 +164,8 @@ class TorchEngine:
         ``model``: generate with this module from now on (same architecture)."""
         if model is not None and model is not self.model:
             self.model = model
-            self._caches = None  # rebuilt for the new module at the next generate
-            if self.compile:
-                self.decode = self._compiled(self._decode_step)  # graphs traced on the old module
-                self._traced_cache_len = None
+            self._caches, self._slots = None, 0  # rebuilt for the new module at the next generate
+            self._decoders = {}  # graphs traced on the old module
         if self._weights is not None:
             live = dict(self.model.named_parameters())
             for name, copy in self._weights.items():
@@ -158,7 +173,7 @@ class TorchEngine:
 
     def offload(self) -> None:
         """Free the KV cache and any cast copy of the weights (re-made by the next generate)."""
-        self._caches, self._cache_len, self._weights = None, 0, None
+        self._caches, self._cache_len, self._slots, self._weights = None, 0, 0, None
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 
@@ -259,7 +274,9 @@ class TorchEngine:
             return  # FSDP gathers its shards in its own compute dtype; a copy would need its own sharding
         self._weights = {n: p.detach().to(self.dtype) for n, p in params.items()}
 
-    def _ensure_cache(self, need: int) -> None:
+    def _ensure_cache(self, need: int, samples: int) -> None:
+        """A cache of :func:`slot_count` rows for ``samples`` sequences, each at least ``need`` positions long,
+        and the decode step compiled for its shape."""
         limit = getattr(getattr(self.model, "config", None), "max_position_embeddings", None)
         if limit is not None and need > limit:
             raise ValueError(f"generate: longest prompt + max_new_tokens = {need} positions exceeds the model's "
@@ -273,14 +290,15 @@ class TorchEngine:
             length = max(self._cache_len, math.ceil(need / _CACHE_ROUND) * _CACHE_ROUND)
             if limit is not None:
                 length = min(length, limit)
-        if self.compile and self._traced_cache_len not in (None, length):
-            # Graphs skip guards on modules (the caches included): a new cache shape needs new graphs.
-            self.decode = self._compiled(self._decode_step)
-        self._traced_cache_len = length
-        if self._caches is None or length != self._cache_len:
+        slots = slot_count(samples, self.max_batch_size)
+        if self.compile:
+            if (slots, length) not in self._decoders:
+                self._decoders[(slots, length)] = self._compiled(self._decode_step)
+            self.decode = self._decoders[(slots, length)]
+        if self._caches is None or length != self._cache_len or slots != self._slots:
             self._caches = None  # free the old one first
-            self._caches = build_row_kv_caches(self.model, self.max_batch_size, length, self.dtype, self.device)
-            self._cache_len = length
+            self._caches = build_row_kv_caches(self.model, slots, length, self.dtype, self.device)
+            self._cache_len, self._slots = length, slots
 
     @contextlib.contextmanager
     def _caches_attached(self):
@@ -310,3 +328,9 @@ class TorchEngine:
     def cache_len(self) -> int:
         """Positions per KV-cache row (prompt + response) as currently allocated."""
         return self._cache_len
+
+    @property
+    def slots(self) -> int:
+        """KV-cache rows (sequences decoded at once) as currently allocated: :func:`slot_count` of the last
+        call; 0 when no cache is allocated."""
+        return self._slots

@@ -8,8 +8,11 @@ steps -> refit.
 Each loop step takes ``trainer.global_batch_size`` prompts (split over data-parallel ranks) and samples
 ``k`` responses to each (``grpo.num_generations``, ``rloo.rloo_k``, ``reinforce.num_rollouts_per_prompt``).
 Rollouts come from ``PolicyModel.generate`` (the engine refits lazily after each optimizer step). The
-"old" log-probs are recomputed with a training forward rather than taken from the engine, so the first
-epoch's ratio is exactly 1; the gap to the engine's is logged as ``rollout/logprob_mismatch``. Sampling
+"old" log-probs are recomputed with a no-grad forward rather than taken from the engine, so the first
+epoch's ratio is exactly 1; the gap to the engine's is logged as ``rollout/logprob_mismatch``. With one
+optimizer step per rollout (:func:`old_from_training_forward`) that forward is skipped, as TRL does: the
+training forward's own log-probs, detached, are the old ones, and the statistics of the old log-probs
+(``objective/entropy``, ``objective/kl``, ``rollout/logprob_mismatch`` ...) come from it. Sampling
 seeds are derived from ``trainer.seed``, the step and the data-parallel rank, so a resumed run draws the
 same rollouts. Metric names follow the RLOO reference page (docs/debugging-rl.md).
 """
@@ -38,7 +41,7 @@ from aligner.models.tokenizer import load_tokenizer
 from aligner.parallel.collectives import sum_over
 from aligner.trainers.loop import Hooks, SamplerBatches, run_training, start_run, total_steps_of
 from aligner.trainers.online_batch import build_prompt_data, response_texts, rollout_batch
-from aligner.trainers.online_losses import PolicyGradientLoss, ValueLoss, scaled_token_logprobs
+from aligner.trainers.online_losses import PolicyGradientLoss, ValueLoss, rollout_logprob_sums, scaled_token_logprobs
 from aligner.trainers.reference import SwappedReference
 from aligner.trainers.reward_functions import RewardFunctions
 from aligner.wrappers import PolicyModel
@@ -75,6 +78,29 @@ class OnlineSettings:
         self.num_sample_generations = a.num_sample_generations
         self.needs_reference = self.kl_coef > 0
         self.sequence_level = algorithm in ("rloo", "reinforce")
+
+
+def old_from_training_forward(s: OnlineSettings) -> bool:
+    """Whether the old log-probs can be the training forward's own (detached), skipping their no-grad forward.
+
+    With one epoch of one mini-batch the only optimizer step comes after the only training forward, which runs
+    on the weights that sampled the rollout: its log-probs are the old ones and the ratio is exactly 1. Not
+    when the KL is folded into the reward (RLOO, REINFORCE, PPO with a KL coefficient): the advantages need
+    the old log-probs before training starts.
+    """
+    return s.epochs == 1 and s.num_mini_batches == 1 and not (s.kl_in_reward and s.kl_coef > 0)
+
+
+def rollout_statistics(means: dict[str, float], kl_coef: float) -> dict[str, float]:
+    """The logged statistics of the policy's log-probs of the rollout, from per-row means of
+    :func:`rollout_logprob_sums`'s entries and the mean score (``objective/scores``)."""
+    kl = means.get("rollout_kl_sum", 0.0)  # no reference model: the policy is its own reference
+    return {
+        "objective/kl": kl, "objective/entropy": means["rollout_nll_sum"],
+        "objective/non_score_reward": -kl_coef * kl, "objective/rlhf_reward": means["objective/scores"] - kl_coef * kl,
+        "objective/negative_kl_frac": means.get("rollout_negative_kl_sum", 0.0),
+        "rollout/logprob_mismatch": means["rollout_mismatch_sum"],
+    }
 
 
 def _mean_over_dp(policy: PolicyModel, values: dict[str, float], counts: float) -> dict[str, float]:
@@ -155,10 +181,12 @@ def train_online(algorithm: str, cfg) -> dict[str, float]:
         critic = PolicyModel(critic_cfg, run.pmesh, value_head=True)
         value_fn = ValueLoss(cliprange_value=a.cliprange_value, vf_coef=a.vf_coef)
     eos_ids = [tokenizer.eos_id]
+    skip_old_pass = old_from_training_forward(s)
     loss_fn = PolicyGradientLoss(
         temperature=s.temperature, cliprange=s.cliprange, cliprange_high=s.cliprange_high,
         sequence_level=s.sequence_level, aggregation=getattr(a, "loss_type", "token_mean"),
-        normaliser=float(s.max_new_tokens), kl_beta=s.kl_coef if algorithm == "grpo" else 0.0)
+        normaliser=float(s.max_new_tokens), kl_beta=s.kl_coef if algorithm == "grpo" else 0.0,
+        old_from_forward=skip_old_pass)
     sampler = ResumableDistributedSampler(len(prompts), policy.dp_rank, policy.dp_size,
                                           cfg.trainer.global_batch_size, seed=cfg.trainer.seed)
     total = total_steps_of(cfg, sampler.steps_per_epoch)
@@ -215,14 +243,17 @@ def train_online(algorithm: str, cfg) -> dict[str, float]:
         timers["time/scoring"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         mask = batch["labels"] != -100
-        old = logps_of(policy.forward, batch)
         if reference is not None:
             with reference.swapped_in():
-                ref = logps_of(policy.forward, batch)
+                batch["ref_logps"] = logps_of(policy.forward, batch)
+        if skip_old_pass:
+            # The training forward's own log-probs are the old ones, and the advantages do not depend on them
+            # (old_from_training_forward): no KL in the reward, so it is the score alone.
+            kl = torch.zeros_like(mask, dtype=torch.float32)
         else:
-            ref = old.clone()
-        kl = (old - ref) * mask  # k1 per token, what the reward's KL penalty uses
-        kl_sum = kl.sum(-1)
+            batch["old_logps"] = logps_of(policy.forward, batch)
+            rollout_sums = rollout_logprob_sums(batch["old_logps"], batch)
+            kl = (batch["old_logps"] - batch.get("ref_logps", batch["old_logps"])) * mask  # k1 per token
         if critic is not None:
             values = critic.forward(batch, lambda v, mb: _plain(v)[..., 0].float()).cpu() * mask
             token_rewards = -s.kl_coef * kl
@@ -232,11 +263,11 @@ def train_online(algorithm: str, cfg) -> dict[str, float]:
                 token_rewards = whiten(token_rewards, mask, shift_mean=False)
             adv, returns = gae(token_rewards, values, mask, gamma=a.gamma, lam=a.lam)
             adv = whiten(adv, mask) * mask
-            batch.update(old_logps=old, ref_logps=ref, advantages=adv, old_values=values, returns=returns)
+            batch.update(advantages=adv, old_values=values, returns=returns)
         else:
-            rewards = sequence_rewards(s, scores, kl_sum)
+            rewards = sequence_rewards(s, scores, kl.sum(-1))
             adv = advantages_of(s, rewards, a)
-            batch.update(old_logps=old, ref_logps=ref, advantages=adv.unsqueeze(-1).expand_as(old).contiguous())
+            batch["advantages"] = adv.unsqueeze(-1).expand_as(mask).float().contiguous()
         timers["time/reference"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         n = len(texts)
@@ -258,20 +289,23 @@ def train_online(algorithm: str, cfg) -> dict[str, float]:
         # Per-row sums, averaged over the global batch.
         lengths = mask.sum(-1).double()
         row_sums = {
-            "objective/kl": float(kl_sum.sum()), "objective/entropy": float((-old * mask).sum()),
-            "objective/non_score_reward": float((-s.kl_coef * kl_sum).sum()),
-            "objective/rlhf_reward": float((scores - s.kl_coef * kl_sum).sum()),
             "objective/scores": float(scores.sum()), "objective/scores_sq": float((scores.double() ** 2).sum()),
-            "objective/negative_kl_frac": float((kl_sum < 0).sum()),
-            "rollout/logprob_mismatch": float(((old - batch["engine_logps"]).abs() * mask).sum(-1).div(
-                lengths.clamp(min=1)).sum()),
             "val/num_eos_tokens": float(sum(r == "eos" for r in rollouts.finish_reasons)) * 1.0,
             "rollout/response_length": float(lengths.sum()),
             "frac_reward_zero_std": float((scores.reshape(-1, s.k).std(-1) == 0).sum()) * s.k,
             **reward_parts,
         }
+        if skip_old_pass:
+            # train_step divided the loss's sums by the loss units of the global batch; their mean per row
+            # turns them into means over rows.
+            row_sums["loss_units_sum"] = float(loss_fn.num_units(batch))
+        else:
+            row_sums.update({key: float(v) for key, v in rollout_sums.items()})
         means = _mean_over_dp(policy, row_sums, float(n))
+        if skip_old_pass:
+            means.update({key: v * means["loss_units_sum"] for key, v in stats.items() if key.startswith("rollout_")})
         out = {key: v for key, v in means.items() if not key.endswith(("_sum", "_sq"))}
+        out.update(rollout_statistics(means, s.kl_coef))
         out["val/num_eos_tokens"] = means["val/num_eos_tokens"] * n * policy.dp_size  # a count, as TRL logs it
         var = means["objective/scores_sq"] - means["objective/scores"] ** 2
         out["objective/scores_std"] = max(var, 0.0) ** 0.5

@@ -1,12 +1,17 @@
 """The loss the online loop hands to the model: a clipped policy-gradient loss on rollout rows.
 
 The batch (:mod:`aligner.trainers.online_batch`) carries, aligned with ``labels``: ``old_logps`` (the
-policy's log-probs at rollout time, from a training forward), ``advantages`` (per token, or per sequence
-broadcast) and, when a KL term is in the loss (GRPO's ``beta``), ``ref_logps``. Log-probs are taken under
+policy's log-probs at rollout time, from a no-grad forward), ``advantages`` (per token, or per sequence
+broadcast), ``engine_logps`` and, when there is a reference model, ``ref_logps``. Log-probs are taken under
 ``softmax(logits / temperature)``, the distribution the engine sampled from, so the first epoch's ratio is 1.
+With one optimizer step per rollout the loss is built with ``old_from_forward``: the training forward runs on
+the weights that sampled the rollout, so its own log-probs, detached, are the old ones and the batch needs no
+``old_logps`` (the loop skips that forward, as TRL does).
 
 Metrics are sums over the loss's units; the loop averages them over the step's optimizer steps and names
 them as the RLOO reference page does (``policy/approxkl_avg``, ``policy/clipfrac_avg``, ``val/ratio`` ...).
+With ``old_from_forward`` the loss also returns :func:`rollout_logprob_sums` of its log-probs, the rollout
+statistics the loop would otherwise compute from ``old_logps``.
 """
 from __future__ import annotations
 
@@ -25,20 +30,43 @@ def scaled_token_logprobs(logits: torch.Tensor, labels: torch.Tensor, temperatur
     return torch.where(keep, logp, torch.zeros_like(logp))
 
 
+def rollout_logprob_sums(logps: torch.Tensor, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Statistics of the policy's log-probs of the rollout tokens, ``logps [N, T]`` (aligned with ``labels``),
+    each a sum over the rows (float64, so the loop's per-row means do not depend on how rows were split):
+
+    - ``rollout_nll_sum``: each row's summed ``-log p`` (``objective/entropy``, the sampled-token estimate);
+    - ``rollout_mismatch_sum``: each row's mean ``|log p - engine log p|`` (``rollout/logprob_mismatch``);
+    - with ``ref_logps`` in the batch, ``rollout_kl_sum``: each row's summed ``log p - log p_ref`` (k1,
+      ``objective/kl``) and ``rollout_negative_kl_sum``: rows where that is negative.
+    """
+    mask = batch["labels"] != -100
+    logps = logps.detach().double() * mask
+    lengths = mask.sum(-1).clamp(min=1)
+    engine = batch["engine_logps"].to(logps) * mask
+    sums = {"rollout_nll_sum": -logps.sum(), "rollout_mismatch_sum": ((logps - engine).abs().sum(-1) / lengths).sum()}
+    if "ref_logps" in batch:
+        kl = (logps - batch["ref_logps"].to(logps) * mask).sum(-1)  # [N]
+        sums["rollout_kl_sum"], sums["rollout_negative_kl_sum"] = kl.sum(), (kl < 0).sum().double()
+    return sums
+
+
 class PolicyGradientLoss:
     """PPO's clipped objective at token level (GRPO, PPO) or sequence level (RLOO, REINFORCE).
 
     ``sequence_level``: the ratio is that of whole responses (summed log-probs), as the RLOO page does, and
     the loss averages over sequences. Otherwise ``aggregation`` (``token_mean`` | ``sequence_mean`` |
     ``dr_grpo``) says how per-token losses are averaged; ``normaliser`` is dr_grpo's constant.
+    ``old_from_forward``: the old log-probs are this forward's own, detached (the ratio is exactly 1; valid
+    only when the weights have not changed since the rollout), and the metrics include
+    :func:`rollout_logprob_sums`.
     """
 
     def __init__(self, *, temperature: float, cliprange: float, cliprange_high: float | None = None,
                  sequence_level: bool = False, aggregation: str = "token_mean", normaliser: float | None = None,
-                 kl_beta: float = 0.0):
+                 kl_beta: float = 0.0, old_from_forward: bool = False):
         self.temperature, self.cliprange, self.cliprange_high = temperature, cliprange, cliprange_high
         self.sequence_level, self.aggregation, self.normaliser = sequence_level, aggregation, normaliser
-        self.kl_beta = kl_beta
+        self.kl_beta, self.old_from_forward = kl_beta, old_from_forward
 
     def _mode(self) -> str:
         return "sequence_mean" if self.sequence_level else self.aggregation
@@ -51,7 +79,15 @@ class PolicyGradientLoss:
         labels = batch["labels"]
         mask = labels != -100
         logp = scaled_token_logprobs(logits, labels, self.temperature)  # [b, T]
-        old = batch["old_logps"].to(logp)
+        if self.old_from_forward:
+            old = logp.detach()
+            rollout = rollout_logprob_sums(logp, batch)
+        elif "old_logps" in batch:
+            old, rollout = batch["old_logps"].to(logp), {}
+        else:
+            raise KeyError("PolicyGradientLoss: the batch has no 'old_logps'; add the rollout policy's log-probs, "
+                           "or build the loss with old_from_forward=True when the weights have not changed since "
+                           "the rollout")
         with torch.no_grad():
             entropy = token_entropy(logits / self.temperature if self.temperature not in (0, 1.0) else logits)
         if self.sequence_level:
@@ -65,7 +101,7 @@ class PolicyGradientLoss:
             n_tokens = mask.sum(-1).clamp(min=1)
             ent = (entropy * mask).sum(-1) / n_tokens
             metric = {"ratio": ratio.sum(), "ratio_sq": (ratio ** 2).sum(), "clipfrac": clipfrac.sum(),
-                      "approxkl": approxkl.sum(), "entropy": ent.sum(), "policy_loss": per.detach().sum()}
+                      "approxkl": approxkl.sum(), "entropy": ent.sum(), "policy_loss": per.detach().sum(), **rollout}
             return loss_sum, metric
         per, stats = ppo_policy_loss(logp, old, batch["advantages"].to(logp), mask, cliprange=self.cliprange,
                                      cliprange_high=self.cliprange_high)
@@ -80,7 +116,7 @@ class PolicyGradientLoss:
         agg = lambda t: aggregate_sum(t.detach().float() * mask, mask, metric_mode)  # noqa: E731
         metric.update({"ratio": agg(stats["ratio"]), "ratio_sq": agg(stats["ratio"] ** 2),
                        "clipfrac": agg(stats["clipfrac"]), "approxkl": agg(stats["approxkl"]),
-                       "entropy": agg(entropy), "policy_loss": loss_sum.detach()})
+                       "entropy": agg(entropy), "policy_loss": loss_sum.detach(), **rollout})
         return loss_sum, metric
 
 

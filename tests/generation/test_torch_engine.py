@@ -1,5 +1,6 @@
 """The built-in engine: greedy equals transformers on SmolLM2, log-probs equal the training forward,
-seeded sampling independent of the batch, stops and finish reasons, refill, refit, compile."""
+seeded sampling independent of the batch, slots sized per call, stops and finish reasons, refill, refit,
+compile."""
 import pytest
 import torch
 from helpers import tiny_model
@@ -7,7 +8,7 @@ from helpers import tiny_model
 from aligner.config import GenerationConfig
 from aligner.generation import build_engine
 from aligner.generation.engine import SamplingParams
-from aligner.generation.torch_engine import TorchEngine
+from aligner.generation.torch_engine import TorchEngine, slot_count
 from aligner.models import from_pretrained
 from aligner.models.fetch import smollm2_path
 from aligner.models.tokenizer import load_tokenizer
@@ -240,3 +241,45 @@ def test_compiled_decode_step_equals_eager():
         assert got.response_token_ids == expect.response_token_ids
         assert max(abs(a - b) for x, y in zip(got.logprobs, expect.logprobs) for a, b in zip(x, y)) < 1e-5
     assert compiled._cache_len == 512
+
+
+def test_slots_are_sized_per_call_and_never_change_seeded_samples():
+    # One slot per sample up to max_batch_size, rounded up to a power of two (capped at max_batch_size).
+    assert [slot_count(n, 64) for n in (1, 2, 3, 5, 15, 16, 17, 64, 65, 500)] == [1, 2, 4, 8, 16, 16, 32, 64, 64, 64]
+    assert [slot_count(n, 15) for n in (1, 9, 15, 40)] == [1, 15, 15, 15]
+    with pytest.raises(ValueError, match="samples=0"):
+        slot_count(0, 64)
+    model = tiny_model(seed=1).eval()
+    sampling = SamplingParams(temperature=1.0, max_new_tokens=20, n=3, seed=123)  # 15 samples
+    # The config default (64: sized to 16 for this call), continuous batching in 4 slots, exactly 15 slots.
+    engines = {b: TorchEngine(model, [2], max_batch_size=b, dtype="float32") for b in (64, 4, 15)}
+    runs = {b: engine.generate(PROMPTS, sampling) for b, engine in engines.items()}
+    assert {b: engine.slots for b, engine in engines.items()} == {64: 16, 4: 4, 15: 15}
+    for b in (4, 15):
+        assert runs[b].response_token_ids == runs[64].response_token_ids, b
+        assert runs[b].finish_reasons == runs[64].finish_reasons, b
+        worst = max(abs(x - y) for r, s in zip(runs[b].logprobs, runs[64].logprobs) for x, y in zip(r, s))
+        assert worst < 1e-5, b
+    # The cache follows each call's size, and is freed by offload.
+    engine = engines[64]
+    assert len(engine.generate(PROMPTS[:1], SamplingParams(n=2, max_new_tokens=4, seed=1))) == 2
+    assert engine.slots == 2 and engine._caches["0"].k_t.shape[0] == 2
+    assert len(engine.generate(PROMPTS, SamplingParams(n=20, max_new_tokens=4, seed=1))) == 100
+    assert engine.slots == 64
+    engine.offload()
+    assert engine.slots == 0
+
+
+def test_compiled_decode_step_is_traced_once_per_slot_count():
+    model = tiny_model(num_hidden_layers=1).eval()
+    sampling = SamplingParams(temperature=0.9, max_new_tokens=12, n=3, seed=5)
+    eager = TorchEngine(model, [2], max_batch_size=64, dtype="float32")
+    compiled = TorchEngine(model, [2], max_batch_size=64, dtype="float32", compile=True)
+    for prompts, slots in ((PROMPTS, 16), (PROMPTS[:1], 4), (PROMPTS, 16)):  # back to a size seen before
+        expect = eager.generate(prompts, sampling)
+        got = compiled.generate(prompts, sampling)
+        assert compiled.slots == slots
+        assert got.response_token_ids == expect.response_token_ids
+        assert max(abs(a - b) for x, y in zip(got.logprobs, expect.logprobs) for a, b in zip(x, y)) < 1e-5
+        compiled.offload()  # as between training steps: the cache is re-made, the graphs are kept
+    assert sorted(compiled._decoders) == [(4, 256), (16, 256)]

@@ -1,6 +1,7 @@
 """Online RL end to end on a tiny random model with SmolLM2's tokenizer: one GRPO step is the same at TP=2 and
-dp_shard=2 as on one process, the first epoch's ratio is 1, the reference page's metrics are all logged, and
-a resumed run continues the same trajectory (same rollouts, same losses)."""
+dp_shard=2 as on one process, the first epoch's ratio is 1, skipping the old log-prob forward (one optimizer
+step per rollout) changes no number, the reference page's metrics are all logged, and a resumed run continues
+the same trajectory (same rollouts, same losses)."""
 from __future__ import annotations
 
 import json
@@ -16,6 +17,7 @@ from aligner.models.hf import save_hf_checkpoint
 
 HERE = Path(__file__).resolve().parent
 REWARDS = f"{HERE / 'online_rewards.py'}"
+OLD_PASS = HERE / "online_old_pass.py"  # the entry point with the old log-prob forward forced on
 REFERENCE_METRICS = ("eps", "objective/kl", "objective/entropy", "objective/non_score_reward", "objective/rlhf_reward",
                      "objective/scores", "policy/approxkl_avg", "policy/clipfrac_avg", "loss/policy_avg",
                      "policy/entropy_avg", "val/ratio", "val/ratio_var", "val/num_eos_tokens", "lr", "episode")
@@ -72,6 +74,55 @@ def test_grpo_step_is_the_same_at_tp2_and_dp_shard2(tiny_dir, prompts, tmp_path)
         assert m["objective/scores"] == pytest.approx(single["objective/scores"], abs=1e-6), name  # same rollouts
         for key in ("loss/policy_avg", "policy/entropy_avg", "objective/entropy", "train/grad_norm"):
             assert m[key] == pytest.approx(single[key], abs=1e-5), (name, key)
+
+
+# Everything the old log-prob forward fed: the statistics of the old log-probs, and the loss and update.
+OLD_PASS_METRICS = ("objective/kl", "objective/entropy", "objective/non_score_reward", "objective/rlhf_reward",
+                    "objective/negative_kl_frac", "rollout/logprob_mismatch", "objective/scores", "loss/policy_avg",
+                    "train/grad_norm", "policy/entropy_avg", "policy/approxkl_avg", "policy/clipfrac_avg",
+                    "val/ratio", "val/ratio_var")
+
+
+@pytest.mark.parametrize("algorithm, extra", [
+    # beta > 0: a reference model, so objective/kl moves off 0 at step 2; four micro-batches per step.
+    ("grpo", {"grpo.num_generations": 4, "grpo.beta": 0.04}),
+    ("grpo", {"grpo.num_generations": 4, "grpo.loss_type": "dr_grpo", "trainer.micro_batch_size": 8}),
+    # Sequence-level ratio; without a KL in the reward the advantages need no old log-probs either.
+    ("rloo", {"rloo.rloo_k": 2, "rloo.num_ppo_epochs": 1, "rloo.kl_coef": 0.0}),
+], ids=["grpo_beta", "grpo_dr_grpo", "rloo_no_kl"])
+def test_one_step_per_rollout_skips_the_old_logprob_forward_and_changes_no_number(
+        tiny_dir, prompts, tmp_path, algorithm, extra):
+    skipped, forced = tmp_path / "skipped", tmp_path / "forced"
+    run(algorithm, overrides(algorithm, tiny_dir, skipped, prompts, **extra))
+    run_entry(OLD_PASS, [algorithm, *overrides(algorithm, tiny_dir, forced, prompts, **extra)], timeout=600)
+    a, b = metrics(skipped), metrics(forced)
+    for step in (1, 2):
+        for key in OLD_PASS_METRICS:
+            assert a[step][key] == pytest.approx(b[step][key], rel=0, abs=1e-5), (step, key)
+        assert a[step]["val/ratio"] == 1.0 and a[step]["policy/clipfrac_avg"] == 0.0  # exactly, by construction
+        assert a[step]["objective/entropy"] > 1.0 and a[step]["train/grad_norm"] > 0.0  # real numbers compared
+    if "grpo.beta" in extra:
+        assert a[2]["objective/kl"] != 0.0  # the policy moved off the reference: the KL was compared for real
+        assert a[1]["objective/kl"] == pytest.approx(0.0, abs=1e-5)
+
+
+@pytest.mark.parametrize("algorithm, settings, skipped", [
+    ("grpo", [], True),  # the defaults: one iteration, one mini-batch
+    ("grpo", ["grpo.beta=0.04"], True),  # GRPO's KL is a loss term: the advantages never need old log-probs
+    ("grpo", ["grpo.num_iterations=2"], False),
+    ("grpo", ["grpo.num_mini_batches=2"], False),
+    ("rloo", ["rloo.num_ppo_epochs=1"], False),  # rloo.kl_coef 0.05 in the reward needs them before training
+    ("rloo", ["rloo.num_ppo_epochs=1", "rloo.kl_coef=0"], True),
+    ("reinforce", [], False),  # one epoch, but a KL penalty in the reward
+    ("ppo", ["ppo.num_ppo_epochs=1", "ppo.kl_coef=0"], True),
+    ("ppo", ["ppo.num_ppo_epochs=1"], False),
+])
+def test_the_old_logprob_forward_is_skipped_only_where_nothing_needs_it(algorithm, settings, skipped):
+    from aligner.config import load_config
+    from aligner.trainers.online import OnlineSettings, old_from_training_forward
+
+    cfg = load_config(algorithm, settings)
+    assert old_from_training_forward(OnlineSettings(algorithm, getattr(cfg, algorithm))) is skipped
 
 
 def test_rloo_resume_continues_the_same_trajectory(tiny_dir, prompts, tmp_path):

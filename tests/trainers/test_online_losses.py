@@ -1,0 +1,66 @@
+"""The online loop's policy-gradient loss: with ``old_from_forward`` its own detached log-probs stand in for the
+old ones (same loss, gradients and metrics as passing them in), and the rollout statistics it then returns."""
+import pytest
+import torch
+
+from aligner.trainers.online_losses import PolicyGradientLoss, rollout_logprob_sums, scaled_token_logprobs
+
+
+def rollout_rows(seed: int = 0, vocab: int = 11) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Logits ``[3, 6, V]`` and a batch of 3 rows whose responses have 3, 1 and 2 tokens."""
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.full((3, 6), -100)
+    labels[0, 2:5], labels[1, 1:2], labels[2, 3:5] = torch.tensor([4, 1, 7]), torch.tensor([9]), torch.tensor([2, 2])
+    batch = {"labels": labels, "advantages": torch.randn(3, 1, generator=g).expand(3, 6).contiguous(),
+             "engine_logps": torch.randn(3, 6, generator=g).clamp(max=0) * (labels != -100),
+             "ref_logps": torch.randn(3, 6, generator=g).clamp(max=0) * (labels != -100)}
+    return torch.randn(3, 6, vocab, generator=g), batch
+
+
+def test_rollout_logprob_sums_are_per_row_statistics_summed_over_rows():
+    labels = torch.tensor([[-100, 5, 5], [-100, -100, 5]])
+    logps = torch.tensor([[0.0, -1.0, -2.0], [0.0, 0.0, -0.5]])
+    batch = {"labels": labels, "engine_logps": torch.tensor([[0.0, -1.5, -2.0], [0.0, 0.0, -0.25]]),
+             "ref_logps": torch.tensor([[0.0, -0.5, -1.0], [0.0, 0.0, -1.0]])}
+    sums = {k: float(v) for k, v in rollout_logprob_sums(logps, batch).items()}
+    assert sums == pytest.approx({
+        "rollout_nll_sum": 3.5,  # row sums 3.0 and 0.5
+        "rollout_mismatch_sum": 0.25 + 0.25,  # row means |0.5, 0| / 2 and 0.25 / 1
+        "rollout_kl_sum": -1.5 + 0.5,  # row sums of log p - log p_ref
+        "rollout_negative_kl_sum": 1.0,
+    })
+    del batch["ref_logps"]  # no reference model: no KL statistics
+    assert sorted(rollout_logprob_sums(logps, batch)) == ["rollout_mismatch_sum", "rollout_nll_sum"]
+
+
+@pytest.mark.parametrize("kw", [
+    {"aggregation": "token_mean", "kl_beta": 0.1},
+    {"aggregation": "dr_grpo", "normaliser": 4.0},
+    {"sequence_level": True},
+], ids=["token_mean_kl", "dr_grpo", "sequence_level"])
+def test_old_from_forward_equals_passing_the_same_logprobs_in(kw):
+    logits, batch = rollout_rows()
+    common = dict(temperature=0.7, cliprange=0.2, **kw)
+    old = scaled_token_logprobs(logits, batch["labels"], 0.7).detach()
+    given = logits.clone().requires_grad_()
+    loss_given, metric_given = PolicyGradientLoss(**common)(given, {**batch, "old_logps": old})
+    loss_given.backward()
+    own = logits.clone().requires_grad_()
+    loss_own, metric_own = PolicyGradientLoss(**common, old_from_forward=True)(own, batch)
+    loss_own.backward()
+    assert float(loss_own) == pytest.approx(float(loss_given), abs=1e-7)
+    assert torch.allclose(own.grad, given.grad, atol=1e-7) and own.grad.abs().sum() > 0
+    for key, value in metric_given.items():
+        assert float(metric_own[key]) == pytest.approx(float(value), abs=1e-7), key
+    units = float(PolicyGradientLoss(**common).num_units(batch))
+    assert float(metric_own["ratio"]) == units and float(metric_own["clipfrac"]) == 0.0  # ratio exactly 1
+    expect = rollout_logprob_sums(old, batch)
+    assert {k: float(v) for k, v in metric_own.items() if k.startswith("rollout_")} == {
+        k: float(v) for k, v in expect.items()}
+    assert float(expect["rollout_nll_sum"]) > 0
+
+
+def test_old_logps_missing_is_an_error_that_says_what_to_do():
+    logits, batch = rollout_rows()
+    with pytest.raises(KeyError, match="old_from_forward=True"):
+        PolicyGradientLoss(temperature=1.0, cliprange=0.2)(logits, batch)
