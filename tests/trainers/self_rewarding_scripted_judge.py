@@ -8,6 +8,7 @@ layouts, that generate the same text get the same score), but through a rule ins
 """
 import sys
 
+from aligner.parallel.process_exit import exit_after
 from aligner.trainers import judging, self_rewarding
 
 
@@ -23,4 +24,4 @@ def scripted_winner(text, pattern):
 if __name__ == "__main__":
     judging.parse_score = scripted_score
     judging.parse_winner = scripted_winner
-    sys.exit(self_rewarding.main(sys.argv[1:]))
+    exit_after(self_rewarding.main, sys.argv[1:])  # as the real entry points end (see process_exit.py)
