@@ -24,6 +24,10 @@ class LossFn(Protocol):
 
     # Optional attribute ``rows_per_example`` (default 1): rows that form one example and must stay in one
     # micro-batch, e.g. 2 for a DPO pair (chosen and rejected rows interleaved). Micro-batch sizes count examples.
+    # Optional attribute ``logits_at_labels`` (default False): the loss reads logits only where
+    # ``labels != -100``. The model may then compute the logits of those positions only and call the loss with
+    # ``logits [b, K, V]`` and the micro-batch with every per-token tensor (``[b, T, ...]``) taken at the same K
+    # positions in order (a row with fewer labels is filled up with label -100).
 
     def num_units(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """How many units the loss averages over in ``batch`` (a micro-batch): a 0-d tensor,
@@ -71,7 +75,8 @@ class Alignable(Protocol):
         ...
 
     def forward(self, batch: dict[str, torch.Tensor], fn: Callable[[torch.Tensor, dict], Any]) -> Any:
-        """No-grad forward in eval mode; ``fn(logits [b, T, V], micro_batch)`` returns per-example tensors
+        """No-grad forward in eval mode; ``fn(logits [b, T, V], micro_batch)`` (cut to the labels' positions when
+        ``fn.logits_at_labels``, as for a loss) returns per-example tensors
         (or a dict/tuple of them), concatenated over micro-batches along dim 0: ``[N, ...]``."""
         ...
 

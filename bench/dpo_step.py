@@ -29,10 +29,12 @@ Settings, matched between the two:
   loss       sigmoid DPO, beta 0.1, no label smoothing, summed response log-probs; aligner's
              ``dpo.rpo_alpha=0`` (its default 1.0 mixes in RPO's NLL, which TRL's plain sigmoid lacks).
   batch      ``per_device_train_batch_size`` = micro batch (pairs), ``gradient_accumulation_steps`` = global /
-             micro; both forward the chosen and rejected rows of a micro-batch together; ``max_length`` =
-             ``trainer.max_seq_len``; right padding (aligner to a multiple of 8, TRL to the longest row).
+             micro; TRL forwards the chosen and rejected rows of a micro-batch together, aligner one
+             ``[prompt | chosen | rejected]`` row per pair (its default ``data.shared_prompt``; the prompt runs
+             once; ``--no-shared-prompt``: two rows as TRL); ``max_length`` = ``trainer.max_seq_len``; right
+             padding (aligner to a multiple of 8, TRL to the longest row).
   optimizer  AdamW, lr 5e-6 (conf/dpo.yaml), betas (0.9, 0.999), eps 1e-8, weight decay 0, clip 1.0, cosine,
-             no warmup. Each library keeps its own AdamW implementation (TRL: fused; aligner: its default).
+             no warmup. Each library keeps its own AdamW implementation (both fused).
   precision  float32, or bfloat16 compute over float32 master weights (aligner: parallel.mixed_precision,
              TRL: ``bf16=True``, autocast).
   other      TRL's defaults otherwise (its fused LM head and per-step entropy, logit and accuracy metrics),
@@ -85,7 +87,7 @@ def aligner_overrides(args, model_dir: str, output_dir: str, total: int) -> list
         f"optim.lr={LEARNING_RATE}", "optim.weight_decay=0.0", "optim.clip_grad=1.0", "optim.sched.name=cosine",
         "optim.sched.warmup_steps=0", f"parallel.mixed_precision={args.precision}",
         f"dpo.beta={BETA}", "dpo.loss_type=sigmoid", "dpo.label_smoothing=0.0", "dpo.rpo_alpha=0.0",
-        "dpo.reference=precompute",
+        "dpo.reference=precompute", f"data.shared_prompt={str(args.shared_prompt).lower()}",
     ]
 
 
@@ -93,6 +95,7 @@ def aligner_overrides(args, model_dir: str, output_dir: str, total: int) -> list
 def run_aligner(args, model_dir: str, order: list[list[int]]) -> dict:
     """Run ``aligner train dpo``, blocking between its steps; step times from its metrics.jsonl."""
     from aligner.trainers import loop, preference
+    from aligner.trainers.sft import real_tokens
     from aligner.wrappers import PolicyModel
 
     total = len(order)
@@ -130,10 +133,12 @@ def run_aligner(args, model_dir: str, order: list[list[int]]) -> dict:
     if len(batches) != total or len(metrics) != total:
         raise RuntimeError(f"aligner ran {len(batches)} batches and logged {len(metrics)} steps; expected {total}")
     for step, batch in enumerate(batches):
-        if batch["pair_index"][0::2].tolist() != order[step]:
-            raise RuntimeError(f"aligner's step {step + 1} trained on pairs {batch['pair_index'][0::2].tolist()}, "
-                               f"the driver expected {order[step]}")
-    tokens = [int(b["attention_mask"].sum()) for b in batches]
+        pairs = batch["pair_index"].tolist() if args.shared_prompt else batch["pair_index"][0::2].tolist()
+        if pairs != order[step]:
+            raise RuntimeError(f"aligner's step {step + 1} trained on pairs {pairs}, the driver expected {order[step]}")
+    # The tokens of the pairs' chosen and rejected rows, as TRL processes them, whatever aligner's layout (a
+    # shared-prompt row holds its prompt once); train/tokens_per_sec counts the same tokens.
+    tokens = [int(real_tokens(b)) for b in batches]
     opt = state["optimizer"]
     return {
         "seconds": [n / m["train/tokens_per_sec"] for n, m in zip(tokens, metrics)],
@@ -142,6 +147,7 @@ def run_aligner(args, model_dir: str, order: list[list[int]]) -> dict:
         "mean_loss": statistics.fmean(m["train/loss"] for m in metrics),
         "first_loss": metrics[0]["train/loss"],
         "setup": f"aligner train dpo, parallel.mixed_precision={args.precision}, dpo.rpo_alpha=0, "
+                 f"data.shared_prompt={str(args.shared_prompt).lower()}, "
                  f"dpo.reference=precompute, optimizer torch.optim.{type(opt).__name__}"
                  f"(foreach={opt.defaults.get('foreach')}, fused={opt.defaults.get('fused')})",
     }
@@ -274,6 +280,8 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=2, help="paired runs per precision")
     p.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads in each library's process")
     p.add_argument("--data", default=str(REPO / "examples/data/preference_train.jsonl"))
+    p.add_argument("--no-shared-prompt", dest="shared_prompt", action="store_false",
+                   help="aligner with data.shared_prompt=false: two rows per pair, as TRL lays them out")
     p.add_argument("--child", choices=["aligner", "trl"], help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
@@ -298,6 +306,8 @@ def main() -> None:
             child_args = ["--precision", precision, "--data", str(subset)]
             for name in ("global_batch", "micro_batch", "max_seq_len", "steps", "warmup", "threads"):
                 child_args += [f"--{name.replace('_', '-')}", str(getattr(args, name))]
+            if not args.shared_prompt:
+                child_args.append("--no-shared-prompt")
             runs = run_benchmark(__file__, child_args, args.warmup, args.steps, args.repeats, precision)
             ratios[precision] = compare(runs, (
                 f"DPO step, SmolLM2-135M-Instruct, {precision}, {args.global_batch} pairs per step (micro "

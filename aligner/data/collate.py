@@ -58,3 +58,55 @@ def collate(examples: list[TokenizedExample], pad_id: int, pad_to_multiple_of: i
     else:
         batch["attention_mask"] = real
     return batch
+
+
+def shared_prefix_length(first: TokenizedExample, second: TokenizedExample) -> int:
+    """Tokens two rows can share as one prefix: their common leading prompt tokens (no loss on either) less one.
+
+    The last common prompt token stays in each branch: it is the position that predicts the branch's first
+    response token, and one position can carry only one label.
+    """
+    n = min(len(first), len(second))
+    same = (first.input_ids[:n] == second.input_ids[:n]) & ~first.loss_mask[:n] & ~second.loss_mask[:n]
+    common = n if bool(same.all()) else int((~same).nonzero()[0])
+    return max(common - 1, 0)
+
+
+def collate_shared_prompt(pairs: list[tuple[TokenizedExample, TokenizedExample]], pad_id: int,
+                          pad_to_multiple_of: int = 1) -> dict[str, torch.Tensor]:
+    """Batch dict of preference pairs, one row each: ``[shared prompt | chosen | rejected]``.
+
+    Every per-token value is what the pair's two separate rows (:func:`collate` of ``[chosen, rejected]``)
+    would have: the rejected branch repeats the chosen row's positions after the shared prefix, and
+    ``branch_ids`` (0 prefix, 1 chosen, 2 rejected) keeps it from attending to the chosen branch
+    (``Transformer.forward``). So the model sees the same inputs and the labels are the same tokens, while
+    the prompt is run once per pair instead of twice. Returns ``tokens``, ``labels``, ``attention_mask``,
+    ``position_ids``, ``branch_ids``: int64 ``[N, T]``, right-padded to a multiple of ``pad_to_multiple_of``.
+    """
+    if not pairs:
+        raise ValueError("collate_shared_prompt got no pairs; a batch needs at least one")
+    rows = []
+    for chosen, rejected in pairs:
+        shared = shared_prefix_length(chosen, rejected)
+        labels = [shift_labels(e.input_ids[None].long(), e.loss_mask[None])[0] for e in (chosen, rejected)]
+        nc, nr = len(chosen), len(rejected)
+        rows.append((torch.cat([chosen.input_ids.long(), rejected.input_ids[shared:].long()]),
+                     torch.cat([labels[0], labels[1][shared:]]),
+                     torch.cat([torch.arange(nc), torch.arange(shared, nr)]),
+                     torch.tensor([0] * shared + [1] * (nc - shared) + [2] * (nr - shared))))
+    longest = max(len(r[0]) for r in rows)
+    T = -(-longest // pad_to_multiple_of) * pad_to_multiple_of
+    N = len(rows)
+    batch = {"tokens": torch.full((N, T), pad_id, dtype=torch.long),
+             "labels": torch.full((N, T), IGNORE_INDEX, dtype=torch.long),
+             "attention_mask": torch.zeros(N, T, dtype=torch.long),
+             "position_ids": torch.zeros(N, T, dtype=torch.long),
+             "branch_ids": torch.zeros(N, T, dtype=torch.long)}
+    for i, (tokens, labels, positions, branches) in enumerate(rows):
+        L = len(tokens)
+        batch["tokens"][i, :L] = tokens
+        batch["labels"][i, :L] = labels
+        batch["attention_mask"][i, :L] = 1
+        batch["position_ids"][i, :L] = positions
+        batch["branch_ids"][i, :L] = branches
+    return batch

@@ -3,6 +3,7 @@
     train, val = build_preference_datasets(cfg.data, tokenizer, cfg.trainer.max_seq_len, cfg.trainer.seed)
     log(train.describe())        # path: N records (...) -> M pairs (k truncated, ...)
     batch = train.batch(indices) # rows interleaved: 2i chosen, 2i+1 rejected of pair indices[i]
+    batch = train.shared_prompt_batch(indices)  # one row per pair: [prompt | chosen | rejected]
 
     train, val = build_kto_datasets(cfg.data, tokenizer, cfg.trainer.max_seq_len, cfg.trainer.seed)
     batch, kl = train.batch(indices), train.kl_batch(indices)
@@ -29,7 +30,7 @@ from aligner.data.cache import (
     source_fingerprint,
     tokenizer_fingerprint,
 )
-from aligner.data.collate import collate
+from aligner.data.collate import collate, collate_shared_prompt
 from aligner.data.dataset import HoldOut, split_records
 from aligner.data.errors import DataError
 from aligner.data.example import TokenizedExample
@@ -99,6 +100,23 @@ class PreferenceData:
         batch["is_chosen"] = torch.arange(2 * len(indices)) % 2 == 0  # [2n]
         if self.margins is not None:
             batch["margin"] = self.margins[pairs].repeat_interleave(2)  # [2n]
+        return batch
+
+    def shared_prompt_batch(self, indices: list[int]) -> dict[str, torch.Tensor]:
+        """The batch of pairs ``indices``, one row each: ``[prompt | chosen | rejected]``
+        (:func:`aligner.data.collate.collate_shared_prompt`; ``data.shared_prompt``).
+
+        Returns ``tokens``, ``labels``, ``attention_mask``, ``position_ids``, ``branch_ids`` (``[n, T]``),
+        ``pair_index [n]``, and ``margin [n]`` when the data has a margin column.
+        """
+        if not indices:
+            raise ValueError("PreferenceData.shared_prompt_batch got no indices; a batch needs at least one pair")
+        batch = collate_shared_prompt([(self.rows[2 * i], self.rows[2 * i + 1]) for i in indices], self.pad_id,
+                                      PAD_TO_MULTIPLE_OF)
+        pairs = torch.tensor(indices, dtype=torch.long)
+        batch["pair_index"] = pairs  # [n]
+        if self.margins is not None:
+            batch["margin"] = self.margins[pairs]  # [n]
         return batch
 
 

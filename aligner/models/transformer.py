@@ -164,14 +164,19 @@ def build_attention_mask(
     attention_mask: torch.Tensor | None = None,
     document_ids: torch.Tensor | None = None,
     sliding_window: int | None = None,
+    branch_ids: torch.Tensor | None = None,
 ) -> torch.Tensor | None:
     """Boolean SDPA mask ``[B, 1, T, T]`` (True = attend), or None when plain causal is exact.
 
     ``attention_mask [B, T]`` marks real tokens (1) and padding (0); ``document_ids [B, T]`` marks
-    which packed document each token belongs to, and no token attends across documents. A padded
-    query keeps its own diagonal so its softmax row is never empty (its output is ignored anyway).
+    which packed document each token belongs to, and no token attends across documents.
+    ``branch_ids [B, T]`` lays several continuations of one shared prefix in a row: 0 marks the prefix,
+    which every later token sees, and a token of branch k >= 1 sees only the prefix and branch k (a
+    preference pair as ``[prompt | chosen | rejected]``). A padded query keeps its own diagonal so its
+    softmax row is never empty (its output is ignored anyway).
     """
-    if attention_mask is None and document_ids is None and (sliding_window is None or q_len <= sliding_window):
+    if (attention_mask is None and document_ids is None and branch_ids is None
+            and (sliding_window is None or q_len <= sliding_window)):
         return None
     i = torch.arange(q_len, device=device)
     mask = (i[:, None] >= i[None, :]).expand(batch, q_len, q_len)  # causal [B, T, T]
@@ -179,6 +184,8 @@ def build_attention_mask(
         mask = mask & (i[:, None] - i[None, :] < sliding_window)
     if document_ids is not None:
         mask = mask & (document_ids[:, :, None] == document_ids[:, None, :])
+    if branch_ids is not None:
+        mask = mask & ((branch_ids[:, :, None] == branch_ids[:, None, :]) | (branch_ids[:, None, :] == 0))
     if attention_mask is not None:
         mask = mask & attention_mask.bool()[:, None, :]
     mask = mask | torch.eye(q_len, dtype=torch.bool, device=device)
@@ -210,8 +217,10 @@ class Transformer(nn.Module):
         position_ids: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         document_ids: torch.Tensor | None = None,
+        branch_ids: torch.Tensor | None = None,
         mask: torch.Tensor | None = None,
         input_pos: torch.Tensor | None = None,
+        logit_positions: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Run the decoder (or this pipeline stage of it).
 
@@ -220,21 +229,30 @@ class Transformer(nn.Module):
             position_ids: RoPE positions ``[B, T]``; derived from the masks when omitted.
             attention_mask: ``[B, T]`` 1 for real tokens, 0 for padding (left or right).
             document_ids: ``[B, T]`` packed-document index; attention stays inside a document.
+            branch_ids: ``[B, T]`` 0 for a shared prefix, k >= 1 for the k-th continuation of it; a branch
+                sees the prefix and itself only (see :func:`build_attention_mask`).
             mask: a ready boolean SDPA mask ``[B, 1, T, S]`` (the KV-cache path); overrides the above.
             input_pos: cache positions ``[T]`` of these tokens when layers have a KV cache.
+            logit_positions: ``[B, K]`` positions whose logits are wanted: the final norm and the LM head
+                run on those rows only (a loss over response tokens skips the prompt's ``[T, V]`` logits).
 
         Returns:
-            logits ``[B, T, V]`` (value head: ``[B, T, 1]``; earlier pipeline stage: hidden states).
+            logits ``[B, T, V]`` (``[B, K, V]`` with ``logit_positions``; value head: ``[B, T, 1]``; earlier
+            pipeline stage: hidden states).
         """
         h = self.tok_embeddings(tokens) if self.tok_embeddings is not None else tokens
         B, T = h.shape[:2]
-        if position_ids is None:
-            position_ids = default_position_ids(h, attention_mask, document_ids)
-        cos, sin = rope_cos_sin(self.rope_inv_freq, position_ids, h.dtype)
         if mask is None:
-            mask = build_attention_mask(B, T, h.device, attention_mask, document_ids, self.config.sliding_window)
+            mask = build_attention_mask(B, T, h.device, attention_mask, document_ids, self.config.sliding_window,
+                                        branch_ids)
+        if position_ids is None:
+            position_ids = (default_position_ids(h, attention_mask, document_ids) if branch_ids is None
+                            else mask[:, 0].sum(-1) - 1)  # a token's position: how many tokens it sees, less 1
+        cos, sin = rope_cos_sin(self.rope_inv_freq, position_ids, h.dtype)
         for layer in self.layers.values():
             h = layer(h, cos, sin, mask, input_pos)
+        if logit_positions is not None and self.output is not None:
+            h = h.gather(1, logit_positions[..., None].expand(-1, -1, h.shape[-1]))  # [B, K, D]
         h = self.norm(h) if self.norm is not None else h
         return self.output(h) if self.output is not None else h
 

@@ -37,7 +37,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten, treespec_dumps, tr
 SCHEDULES = {"1F1B": Schedule1F1B, "GPipe": ScheduleGPipe, "Interleaved1F1B": ScheduleInterleaved1F1B}
 STAGES_PER_RANK = {"1F1B": 1, "GPipe": 1, "Interleaved1F1B": 2}
 # Batch keys that every stage's Transformer.forward takes besides the tokens.
-MODEL_INPUT_KWARGS = ("position_ids", "attention_mask", "document_ids")
+MODEL_INPUT_KWARGS = ("position_ids", "attention_mask", "document_ids", "branch_ids")
 
 LossFn = Callable[[torch.Tensor, dict], "torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]"]
 

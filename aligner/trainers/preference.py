@@ -56,7 +56,7 @@ class ReferenceSource:
     """Reference log-probs for a split (``train`` / ``val``) of the data, precomputed or swapped in per batch."""
 
     def __init__(self, policy: PolicyModel, mode: str, splits: dict[str, Any], rows_per_example: int,
-                 kto: bool, print_fn=print):
+                 kto: bool, print_fn=print, shared_prompt: bool = False):
         self.policy, self.mode, self.rows, self.kto = policy, mode, rows_per_example, kto
         self.swapped = SwappedReference(policy) if mode == "on_the_fly" else None
         self.table = None
@@ -66,7 +66,8 @@ class ReferenceSource:
             for name, data in splits.items():
                 if data is None:
                     continue
-                tables[name] = dataset_logps(policy, len(data), data.batch, rows_per_example, chunk)
+                batch_fn = data.shared_prompt_batch if shared_prompt else data.batch
+                tables[name] = dataset_logps(policy, len(data), batch_fn, rows_per_example, chunk)
                 if kto:
                     tables[f"{name}/kl"] = dataset_logps(policy, len(data), data.kl_batch, 1, chunk)
                 print_fn(f"reference log-probs of {len(data)} {name} examples precomputed")
@@ -75,10 +76,13 @@ class ReferenceSource:
             raise ValueError(f"reference mode '{mode}' is not one of precompute, on_the_fly")
 
     def logps(self, split: str, indices: list[int], batch: dict[str, torch.Tensor], kl_rows: bool = False):
-        """``[rows]`` reference log-probs of ``batch`` (rows of examples ``indices`` of ``split``)."""
+        """Reference log-probs of ``batch`` (examples ``indices`` of ``split``): ``[rows]``, or ``[pairs, 2]``
+        for shared-prompt pair rows."""
+        rows = 1 if kl_rows else self.rows
         if self.table is not None:
-            return self.table.lookup(f"{split}/kl" if kl_rows else split, indices)
-        return self.swapped.logps(batch, 1 if kl_rows else self.rows).float()
+            table = self.table.lookup(f"{split}/kl" if kl_rows else split, indices)  # [n, k]
+            return table.reshape(len(indices) * rows, -1).squeeze(-1)
+        return self.swapped.logps(batch, rows).float()
 
 
 def kto_reference_point(policy: PolicyModel, kl_batch: dict[str, torch.Tensor], ref_kl: torch.Tensor) -> torch.Tensor:
@@ -101,7 +105,7 @@ def build_loss(algorithm: str, cfg: Any):
         return RewardLoss(cfg.rm.margin)
     if algorithm == "kto":
         return KTOLoss(cfg.kto)
-    return PairLoss(algorithm, getattr(cfg, algorithm))
+    return PairLoss(algorithm, getattr(cfg, algorithm), shared_prompt=cfg.data.shared_prompt)
 
 
 def train_preference(algorithm: str, cfg) -> dict[str, float]:
@@ -131,10 +135,16 @@ def train_preference(algorithm: str, cfg) -> dict[str, float]:
     policy = PolicyModel(cfg, run.pmesh, value_head=algorithm == "rm")
     loss_fn = build_loss(algorithm, cfg)
     rows = loss_fn.rows_per_example
+    shared_prompt = getattr(loss_fn, "shared_prompt", False)  # DPO, CPO, ORPO, SimPO with data.shared_prompt
+
+    def batch_of(data, indices: list[int]) -> dict[str, torch.Tensor]:
+        return data.shared_prompt_batch(indices) if shared_prompt else data.batch(indices)
+
     reference = None
     if algorithm in NEEDS_REFERENCE:
         mode = getattr(cfg, algorithm).reference
-        reference = ReferenceSource(policy, mode, {"train": train_data, "val": val_data}, rows, kto, run.print)
+        reference = ReferenceSource(policy, mode, {"train": train_data, "val": val_data}, rows, kto, run.print,
+                                    shared_prompt=shared_prompt)
 
     def add_extras(split: str, data, indices: list[int], batch: dict[str, torch.Tensor]) -> None:
         if reference is None:
@@ -148,7 +158,7 @@ def train_preference(algorithm: str, cfg) -> dict[str, float]:
     sampler = ResumableDistributedSampler(len(train_data), policy.dp_rank, policy.dp_size,
                                           cfg.trainer.global_batch_size, seed=cfg.trainer.seed)
     def train_batch(indices: list[int]) -> dict[str, torch.Tensor]:
-        batch = train_data.batch(indices)
+        batch = batch_of(train_data, indices)
         add_extras("train", train_data, indices, batch)  # reference log-probs, KTO's KL point
         return batch
 
@@ -161,7 +171,7 @@ def train_preference(algorithm: str, cfg) -> dict[str, float]:
 
         def validate(step: int) -> dict[str, float]:
             indices = [max(i, 0) for i in share]
-            batch = val_data.batch(indices)
+            batch = batch_of(val_data, indices)
             add_extras("val", val_data, indices, batch)
             _mask_fillers(batch, share, rows)
             metrics = policy.eval_step(batch, loss_fn)

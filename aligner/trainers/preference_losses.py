@@ -2,10 +2,16 @@
 losses and TRL-named metrics out. The math lives in :mod:`aligner.algorithms`; this file only turns logits
 into the per-sequence log-probs those functions take, and sums over the micro-batch.
 
-Batches (from :mod:`aligner.data.preference_dataset`) interleave pairs: row ``2i`` is the chosen response of
-pair ``i``, row ``2i+1`` the rejected one; ``rows_per_example = 2`` keeps a pair inside one micro-batch.
-A validation filler pair (every dp rank must run the same number of forwards) has no loss token at all and
-is left out of every sum and count.
+Pair batches (from :mod:`aligner.data.preference_dataset`) come in one of two layouts. Shared prompt
+(``data.shared_prompt``, the default for DPO, CPO, ORPO, SimPO): one row per pair, ``[prompt | chosen |
+rejected]`` with ``branch_ids`` telling the responses apart. Interleaved (the reward model, self-rewarding,
+``data.shared_prompt=false``): row ``2i`` is the chosen response of pair ``i``, row ``2i+1`` the rejected one,
+and ``rows_per_example = 2`` keeps a pair inside one micro-batch. A validation filler pair (every dp rank must
+run the same number of forwards) has no loss token at all and is left out of every sum and count.
+
+The losses read logits only where there are labels (``logits_at_labels``): the model may hand them the
+logits of those positions only, with every per-token tensor of the batch cut the same way
+(:class:`aligner.interface.LossFn`).
 """
 from __future__ import annotations
 
@@ -40,44 +46,69 @@ def response_logps(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Te
     return sequence_logps(token_lp, labels), keep.sum(-1)
 
 
+def pair_logps(logits, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(chosen, rejected, n_chosen, n_rejected)``, each ``[b]`` for ``b`` pairs: summed response log-probs
+    and response token counts, from either pair layout (see the module doc)."""
+    labels = batch["labels"]
+    if "branch_ids" not in batch:  # interleaved rows
+        logps, n_tokens = response_logps(logits, labels)  # [2b]
+        return logps[0::2], logps[1::2], n_tokens[0::2], n_tokens[1::2]
+    keep = labels != -100
+    token_lp = token_logprobs(logits, torch.where(keep, labels, torch.zeros_like(labels)))  # [b, T]
+    out = []
+    for branch in (1, 2):
+        branch_labels = torch.where(batch["branch_ids"] == branch, labels, torch.full_like(labels, -100))
+        out.append((sequence_logps(token_lp, branch_labels), (branch_labels != -100).sum(-1)))
+    (chosen, n_chosen), (rejected, n_rejected) = out
+    return chosen, rejected, n_chosen, n_rejected
+
+
 def _full(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if isinstance(t, DTensor) else t
 
 
 class PairLoss:
-    """DPO (sigmoid / IPO / hinge, RPO's NLL), CPO, SimPO and ORPO on interleaved chosen/rejected rows.
+    """DPO (sigmoid / IPO / hinge, RPO's NLL), CPO, SimPO and ORPO on chosen/rejected pairs.
 
     The loss of a pair is ``preference_loss + alpha * sft_loss`` where ``sft_loss`` is the chosen response's
     mean per-token NLL (the RPO paper's length-normalised NLL; ``alpha`` is ``dpo.rpo_alpha``,
     ``cpo.cpo_alpha``, ``simpo.cpo_alpha``, and 1 for ORPO). DPO reads the reference's summed log-probs from
-    ``batch["ref_logps"] [N]``.
+    ``batch["ref_logps"]``: ``[b, 2]`` (chosen, rejected) with ``shared_prompt``, else ``[2b]`` per row.
     """
 
-    rows_per_example = 2
+    logits_at_labels = True
 
-    def __init__(self, algorithm: str, cfg: Any):
+    def __init__(self, algorithm: str, cfg: Any, shared_prompt: bool = False):
         if algorithm not in ("dpo", *REFERENCE_FREE):
             raise ValueError(f"PairLoss has no algorithm '{algorithm}'; use dpo, cpo, simpo or orpo")
         self.algorithm, self.cfg = algorithm, cfg
         self.alpha = {"dpo": getattr(cfg, "rpo_alpha", 0.0), "cpo": getattr(cfg, "cpo_alpha", 0.0),
                       "simpo": getattr(cfg, "cpo_alpha", 0.0), "orpo": 1.0}[algorithm]
+        self.shared_prompt = shared_prompt
+        self.rows_per_example = 1 if shared_prompt else 2
+
+    def _chosen_labels(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        if self.shared_prompt != ("branch_ids" in batch):
+            raise ValueError(f"PairLoss(shared_prompt={self.shared_prompt}) got a batch "
+                             f"{'with' if 'branch_ids' in batch else 'without'} branch_ids; build the batch with "
+                             f"PreferenceData.{'shared_prompt_batch' if self.shared_prompt else 'batch'}")
+        return batch["labels"] if self.shared_prompt else batch["labels"][0::2]
 
     def num_units(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        return (batch["labels"][0::2] != -100).any(-1).sum()
+        return (self._chosen_labels(batch) != -100).any(-1).sum()
 
     def __call__(self, logits, batch: dict[str, torch.Tensor]):
-        logps, n_tokens = response_logps(logits, batch["labels"])  # [2b]
-        n_tokens = n_tokens.clamp(min=1)
-        valid = (batch["labels"][0::2] != -100).any(-1).float()  # [b]; 0 for validation fillers
-        chosen, rejected = logps[0::2], logps[1::2]
-        chosen_avg, rejected_avg = chosen / n_tokens[0::2], rejected / n_tokens[1::2]
+        valid = (self._chosen_labels(batch) != -100).any(-1).float()  # [b]; 0 for validation fillers
+        chosen, rejected, n_chosen, n_rejected = pair_logps(logits, batch)
+        n_chosen, n_rejected = n_chosen.clamp(min=1), n_rejected.clamp(min=1)
+        chosen_avg, rejected_avg = chosen / n_chosen, rejected / n_rejected
         c = self.cfg
         extra: dict[str, torch.Tensor] = {}
         if self.algorithm == "dpo":
-            ref = batch["ref_logps"].to(logps)
-            ref_c, ref_r = ref[0::2], ref[1::2]
+            ref = batch["ref_logps"].to(chosen)
+            ref_c, ref_r = (ref[:, 0], ref[:, 1]) if self.shared_prompt else (ref[0::2], ref[1::2])
             if c.loss_type == "ipo":  # IPO's target is set on length-averaged log-probs
-                pc, pr, rc, rr = chosen_avg, rejected_avg, ref_c / n_tokens[0::2], ref_r / n_tokens[1::2]
+                pc, pr, rc, rr = chosen_avg, rejected_avg, ref_c / n_chosen, ref_r / n_rejected
             else:
                 pc, pr, rc, rr = chosen, rejected, ref_c, ref_r
             losses, chosen_rewards, rejected_rewards = dpo_loss(
@@ -154,6 +185,7 @@ class KTOLoss:
     """
 
     rows_per_example = 1
+    logits_at_labels = True
 
     def __init__(self, cfg: Any):
         self.cfg = cfg

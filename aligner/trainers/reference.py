@@ -21,33 +21,44 @@ from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_mo
 from torch.distributed.tensor import DTensor
 
 from aligner.parallel.collectives import sum_over
-from aligner.trainers.preference_losses import response_logps
+from aligner.trainers.preference_losses import pair_logps, response_logps
 from aligner.trainers.sft import validation_share
 
 BatchFn = Callable[[list[int]], dict[str, torch.Tensor]]
 
 
 def _row_logps(logits, mb: dict[str, torch.Tensor]) -> torch.Tensor:
-    return response_logps(logits, mb["labels"])[0].float()  # [b]
+    """Summed response log-probs: ``[b]``, one per row, or ``[b, 2]`` (chosen, rejected) per shared-prompt row."""
+    if "branch_ids" in mb:
+        chosen, rejected, _, _ = pair_logps(logits, mb)
+        return torch.stack([chosen, rejected], dim=-1).float()
+    return response_logps(logits, mb["labels"])[0].float()
+
+
+_row_logps.logits_at_labels = True  # it reads logits at the labels only (see aligner.interface.LossFn)
 
 
 def policy_logps(policy: Any, batch: dict[str, torch.Tensor], rows_per_example: int = 1) -> torch.Tensor:
-    """Summed response log-probs of every row of ``batch`` under the model's current weights: ``[N]`` on CPU."""
+    """Summed response log-probs of ``batch`` under the model's current weights, on CPU: ``[N]`` for ``N``
+    rows, or ``[N, 2]`` for rows of shared-prompt pairs."""
     return policy.forward(batch, _row_logps, rows_per_example=rows_per_example).detach().cpu()
 
 
 def dataset_logps(policy: Any, n: int, batch_fn: BatchFn, rows_per_example: int, chunk: int) -> torch.Tensor:
-    """``[n, rows_per_example]`` summed log-probs of every example's rows, the same table on every rank.
+    """``[n, k]`` summed log-probs of every example's ``k`` responses (its rows, or the two branches of a
+    shared-prompt pair row), the same table on every rank.
 
     Data-parallel ranks split the examples (strided, padded with repeats of example 0 so every rank runs
     the same number of forwards, which FSDP needs) and the tables are summed over the dp group.
     """
     share = validation_share(n, policy.dp_rank, policy.dp_size)
-    table = torch.zeros(n, rows_per_example, dtype=torch.float64)
+    table = None
     for start in range(0, len(share), chunk):
         part = share[start:start + chunk]
         logps = policy_logps(policy, batch_fn([max(i, 0) for i in part]), rows_per_example)
-        logps = logps.double().reshape(len(part), rows_per_example)
+        logps = logps.double().reshape(len(part), -1)
+        if table is None:
+            table = torch.zeros(n, logps.shape[1], dtype=torch.float64)
         for row, i in zip(logps, part):
             if i >= 0:
                 table[i] = row
@@ -112,8 +123,8 @@ class PrecomputedReference:
     """Per-example tables of reference log-probs, filled by :func:`dataset_logps` before training."""
 
     def __init__(self, tables: dict[str, torch.Tensor]):
-        self.tables = tables  # name -> [n, rows_per_example]
+        self.tables = tables  # name -> [n, k]
 
     def lookup(self, name: str, indices: list[int]) -> torch.Tensor:
-        """The rows of examples ``indices`` in batch order: ``[len(indices) * rows_per_example]``."""
-        return self.tables[name][torch.tensor(indices, dtype=torch.long)].reshape(-1).float()
+        """The table rows of examples ``indices`` in batch order: ``[len(indices), k]``."""
+        return self.tables[name][torch.tensor(indices, dtype=torch.long)].float()

@@ -20,6 +20,8 @@ from aligner.wrappers import PolicyModel
 class SFTLoss:
     """Summed token cross-entropy; the wrapper divides by the global number of loss tokens."""
 
+    logits_at_labels = True  # the LM head runs on the assistant tokens' positions only (see LossFn)
+
     def num_units(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return (batch["labels"] != -100).sum()
 
@@ -29,10 +31,19 @@ class SFTLoss:
 
 
 def real_tokens(batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Tokens the step processed, padding excluded (packed rows count whole: their padding is a sliver)."""
-    if "attention_mask" in batch:
-        return batch["attention_mask"].sum()
-    return torch.tensor(batch["tokens"].numel())
+    """Tokens of the step's examples, padding excluded (packed rows count whole: their padding is a sliver).
+
+    A shared-prompt pair row counts its prompt once per response, as the pair's two rows would: tokens/s
+    then measures examples processed, whatever the layout.
+    """
+    if "attention_mask" not in batch:
+        return torch.tensor(batch["tokens"].numel())
+    real = batch["attention_mask"].bool()
+    if "branch_ids" not in batch:
+        return real.sum()
+    branches = batch["branch_ids"].amax(-1)  # [N] responses after each row's prompt
+    shared = ((batch["branch_ids"] == 0) & real).sum(-1)  # [N]
+    return real.sum() + (shared * (branches - 1).clamp(min=0)).sum()
 
 
 def validation_share(n: int, dp_rank: int, dp_size: int) -> list[int]:

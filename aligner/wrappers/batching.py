@@ -82,3 +82,25 @@ def trim_trailing_padding(mb: dict[str, Any], multiple: int = 8) -> dict[str, An
         return mb
     return {k: v[:, :keep] if isinstance(v, torch.Tensor) and v.dim() >= 2 and tuple(v.shape[:2]) == (b, T) else v
             for k, v in mb.items()}
+
+
+def label_positions(labels: torch.Tensor) -> torch.Tensor:
+    """Where each row's labels are (``labels != -100``), in order: ``[b, T] -> [b, K]``, ``K`` the most labels
+    of any row (at least 1). A row with fewer is filled up with positions that have no label."""
+    keep = labels != -100
+    K = max(1, int(keep.sum(-1).max()))
+    return torch.argsort((~keep).to(torch.int8), dim=1, stable=True)[:, :K]
+
+
+def at_positions(mb: dict[str, Any], positions: torch.Tensor) -> dict[str, Any]:
+    """``mb`` with every per-token tensor (``[b, T, ...]``) taken at ``positions [b, K]`` only: what a loss
+    that reads logits at the labels only sees next to the logits of those positions."""
+    b, T = mb["tokens"].shape[:2]
+
+    def take(v: Any) -> Any:
+        if not (isinstance(v, torch.Tensor) and v.dim() >= 2 and tuple(v.shape[:2]) == (b, T)):
+            return v
+        index = positions.reshape(b, -1, *([1] * (v.dim() - 2))).expand(-1, -1, *v.shape[2:])
+        return v.gather(1, index)
+
+    return {k: take(v) for k, v in mb.items()}

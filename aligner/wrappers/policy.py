@@ -37,7 +37,8 @@ from aligner.parallel.pipeline import (
     stages_per_rank,
     tied_embedding_group,
 )
-from aligner.wrappers.batching import num_rows, pipeline_runs, split_rows, trim_trailing_padding
+from aligner.wrappers.batching import (at_positions, label_positions, num_rows, pipeline_runs, split_rows,
+                                       trim_trailing_padding)
 from aligner.wrappers.optimizer import LRSchedule, build_optimizer, clip_grad_norm, move_optimizer_state
 from aligner.wrappers.rollout import PolicyRolloutEngine
 
@@ -190,7 +191,7 @@ class PolicyModel:
             for i, mb in enumerate(micro):
                 self._sync_gradients(last=i == len(micro) - 1)
                 mb = self._to_device(trim_trailing_padding(mb, multiple=8 * self.pmesh.dims.tp))
-                logits = self.model(mb["tokens"], **_model_inputs(mb))
+                logits, mb = self._logits(mb, loss_fn)
                 loss_sum, metrics = loss_fn(logits, mb)
                 loss_sum = _plain(loss_sum)
                 (loss_sum / divisor * scale).backward()
@@ -314,13 +315,28 @@ class PolicyModel:
                                 for chunk, n_micro in self._pipeline_runs(batch, rows_per_example)])
             results = []
             for mb in split_rows(batch, self.micro_batch_size * rows_per_example):
-                mb = self._to_device(mb)
-                results.append(fn(self.model(mb["tokens"], **_model_inputs(mb)), mb))
+                results.append(fn(*self._logits(self._to_device(mb), fn)))
             return _concat(results)
         finally:
             for stage, mode in zip(self.stages, was_training):
                 _reshard(stage)
                 stage.train(mode)
+
+    def _logits(self, mb: dict[str, Any], loss_fn: Any) -> tuple[torch.Tensor, dict[str, Any]]:
+        """The model's output on a micro-batch, and the micro-batch the loss reads beside it.
+
+        A loss that reads logits only where there are labels (``loss_fn.logits_at_labels``) gets the logits
+        of those positions ``[b, K, V]`` and the micro-batch cut to the same positions: the final norm and
+        the LM head then skip the prompt, most of a preference row, and no ``[b, T, V]`` tensor is made.
+        Under tensor parallelism the hidden states are sequence-sharded DTensors and the full logits are
+        computed as before.
+        """
+        inputs = _model_inputs(mb)
+        if (getattr(loss_fn, "logits_at_labels", False) and self.pmesh.dims.tp == 1 and not self.value_head
+                and "labels" in mb):
+            positions = label_positions(mb["labels"])  # [b, K]
+            return self.model(mb["tokens"], **inputs, logit_positions=positions), at_positions(mb, positions)
+        return self.model(mb["tokens"], **inputs), mb
 
     def _to_device(self, mb: dict[str, Any]) -> dict[str, Any]:
         return {k: v.to(self.device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in mb.items()}

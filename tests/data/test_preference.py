@@ -11,6 +11,7 @@ import torch
 
 import aligner.data.preference_dataset as preference_dataset_module
 from aligner.data import DataError, build_preference_data, build_preference_datasets
+from aligner.trainers.sft import real_tokens
 
 pytestmark = pytest.mark.slow  # needs the fetched SmolLM2 tokenizer
 
@@ -79,6 +80,32 @@ def test_rows_are_interleaved_per_pair_and_chunks_give_every_row(smol_tokenizer,
     assert torch.cat([c["pair_index"] for c in chunks]).tolist() == [0, 0, 1, 1, 2, 2]
     assert [row_text(smol_tokenizer, c, r)[1] for c in chunks for r in range(len(c["tokens"]))] == \
         [p[k] + "<|im_end|>" for p in PAIRS for k in ("chosen", "rejected")]
+
+
+def test_shared_prompt_row_holds_both_rows_of_a_pair(smol_tokenizer, write_jsonl, tmp_path):
+    """[prompt | chosen | rejected]: the chosen branch is the chosen row as it was, the rejected branch restarts
+    at the prompt's last token with the rejected row's positions, labels and tokens."""
+    data = build(write_jsonl("p.jsonl", PAIRS), smol_tokenizer, tmp_path)
+    order = [2, 0, 1]
+    rows, shared = data.batch(order), data.shared_prompt_batch(order)
+    assert set(shared) == {"tokens", "labels", "attention_mask", "position_ids", "branch_ids", "pair_index"}
+    assert shared["pair_index"].tolist() == order and shared["tokens"].shape[1] % 8 == 0
+    for i, pair in enumerate(order):
+        n_prompt = len(smol_tokenizer.encode(smol_tokenizer.apply_chat_template(
+            [{"role": "user", "content": PAIRS[pair]["prompt"]}], add_generation_prompt=True)))
+        S = n_prompt - 1  # the prompt's last token predicts each response's first token: one copy per branch
+        nc, nr = (int(rows["attention_mask"][2 * i + k].sum()) for k in (0, 1))
+        L = nc + nr - S
+        assert shared["attention_mask"][i].tolist() == [1] * L + [0] * (shared["tokens"].shape[1] - L)
+        assert shared["branch_ids"][i, :L].tolist() == [0] * S + [1] * (nc - S) + [2] * (nr - S)
+        assert shared["position_ids"][i, :L].tolist() == list(range(nc)) + list(range(S, nr))
+        for part, row, start in ((slice(0, nc), 2 * i, 0), (slice(nc, L), 2 * i + 1, S)):
+            n = part.stop - part.start
+            assert torch.equal(shared["tokens"][i, part], rows["tokens"][row, start:start + n])
+            assert torch.equal(shared["labels"][i, part], rows["labels"][row, start:start + n])
+    assert int(real_tokens(shared)) == int(real_tokens(rows))  # tokens/s counts the pairs' tokens either way
+    with pytest.raises(ValueError, match="got no indices"):
+        data.shared_prompt_batch([])
 
 
 def test_multi_turn_prompt_and_message_list_responses(smol_tokenizer, write_jsonl, tmp_path):

@@ -63,6 +63,41 @@ def test_attention_mask_shape_and_content():
     assert window[0, 0].int().tolist() == [[1, 0, 0, 0], [1, 1, 0, 0], [0, 1, 1, 0], [0, 0, 1, 1]]
 
 
+@pytest.mark.parametrize("overrides", [{}, {"qk_norm": True}, {"tie_word_embeddings": True}])
+def test_branches_after_a_shared_prefix_equal_each_sequence_alone(overrides):
+    """[prefix | a | b] with branch_ids 0/1/2: branch b sees the prefix but not a, and its positions (derived
+    from the mask when not given) continue the prefix, so its logits are those of prefix + b alone."""
+    model = tiny_model(seed=3, **overrides).eval()
+    torch.manual_seed(2)
+    prefix, a, b = (torch.randint(0, 128, (n,)) for n in (6, 5, 3))
+    row = torch.cat([prefix, a, b, torch.zeros(2, dtype=torch.long)])[None]  # 2 tokens of right padding
+    branch_ids = torch.tensor([[0] * 6 + [1] * 5 + [2] * 3 + [0] * 2])
+    attention_mask = torch.tensor([[1] * 14 + [0] * 2])
+    explicit = torch.tensor([list(range(11)) + list(range(6, 9)) + [0, 0]])
+    with torch.no_grad():
+        shared = model(row, branch_ids=branch_ids, attention_mask=attention_mask)
+        given = model(row, branch_ids=branch_ids, attention_mask=attention_mask, position_ids=explicit)
+        with_a, with_b = model(torch.cat([prefix, a])[None])[0], model(torch.cat([prefix, b])[None])[0]
+    assert (shared[0, :11] - with_a).abs().max().item() < 1e-5
+    assert (shared[0, 11:14] - with_b[6:]).abs().max().item() < 1e-5
+    assert (given[0, :14] - shared[0, :14]).abs().max().item() == 0.0
+    mask = build_attention_mask(1, 16, torch.device("cpu"), attention_mask, branch_ids=branch_ids)[0, 0]
+    assert mask[12].int().tolist() == [1] * 6 + [0] * 5 + [1] * 2 + [0] * 3  # b's 2nd token: prefix and b so far
+    assert (mask[:14].sum(-1) - 1).tolist() == explicit[0, :14].tolist()
+
+
+def test_logit_positions_give_the_full_logits_at_those_positions():
+    model = tiny_model(seed=4).eval()
+    torch.manual_seed(3)
+    tokens = torch.randint(0, 128, (2, 9))
+    positions = torch.tensor([[2, 3, 8], [0, 5, 5]])  # any positions, repeats allowed
+    with torch.no_grad():
+        full = model(tokens)
+        some = model(tokens, logit_positions=positions)
+    assert some.shape == (2, 3, 128)
+    assert (some - full.gather(1, positions[..., None].expand(-1, -1, 128))).abs().max().item() < 1e-5
+
+
 def test_kv_cache_incremental_decoding_equals_full_forward():
     model = tiny_model(seed=3).eval()
     tokens = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(2))

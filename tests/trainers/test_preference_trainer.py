@@ -94,6 +94,27 @@ def test_reference_on_the_fly_equals_precompute_and_rpo_adds_nll(tiny_dir, small
     assert abs(a[3]["val/rewards/margins"] - b[3]["val/rewards/margins"]) < 1e-5
 
 
+@pytest.mark.parametrize("algorithm", ["dpo", "simpo"])
+def test_shared_prompt_rows_train_exactly_as_two_rows_per_pair(tiny_dir, small_data, tmp_path, algorithm):
+    """data.shared_prompt: one [prompt | chosen | rejected] row per pair gives the losses, metrics and
+    reference log-probs of two rows per pair."""
+    results = {}
+    for shared in (True, False):
+        out = tmp_path / f"shared_{shared}"
+        run(algorithm, overrides(tiny_dir, out, small_data, **{"data.shared_prompt": shared,
+                                                                "trainer.micro_batch_size": 2}))
+        results[shared] = metrics(out)
+    a, b = results[True], results[False]
+    for step in (1, 2, 3):
+        for key in ("train/loss", "train/preference_loss", "train/sft_loss", "train/rewards/margins",
+                    "train/logps/chosen", "train/logps/rejected", "train/grad_norm"):
+            assert abs(a[step][key] - b[step][key]) < 1e-5, (step, key, a[step][key], b[step][key])
+    for key in ("val/loss", "val/rewards/margins", "val/logps/rejected"):
+        assert abs(a[3][key] - b[3][key]) < 1e-5, key
+    if algorithm == "dpo":
+        assert abs(a[1]["train/preference_loss"] - LOG2) < 1e-6
+
+
 def test_dpo_resume_is_exact(tiny_dir, small_data, tmp_path):
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     common = {"trainer.max_steps": 4, "trainer.save_interval": 2, "trainer.val_check_interval": 2}

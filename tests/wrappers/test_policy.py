@@ -13,6 +13,7 @@ from aligner.models import Transformer, config_from_hf
 from aligner.config import architecture_dict
 from aligner.parallel import seeded_init_
 from aligner.wrappers import PolicyModel, build_optimizer, lr_at
+from aligner.wrappers.batching import at_positions, label_positions
 from aligner.wrappers.optimizer import optimizer_state_devices
 
 
@@ -187,6 +188,53 @@ def test_packed_rows_equal_padded_rows(single_process_mesh):
     reference = full_weights(padded)
     for name, w in full_weights(packed).items():
         torch.testing.assert_close(w, reference[name], rtol=0, atol=1e-5, msg=name)
+
+
+class LabelsOnlyTokenLoss(TokenLoss):
+    """TokenLoss that lets the model compute logits at the labels only; records the logits shapes it gets."""
+
+    logits_at_labels = True
+
+    def __init__(self):
+        self.shapes = []
+
+    def __call__(self, logits, batch):
+        self.shapes.append((tuple(logits.shape), int((batch["labels"] != -100).sum())))
+        return super().__call__(logits, batch)
+
+
+def test_logits_at_labels_only_trains_exactly_like_full_logits(single_process_mesh):
+    full = PolicyModel(job_config(micro_batch_size=3), single_process_mesh)
+    cut = PolicyModel(job_config(micro_batch_size=3), single_process_mesh)
+    loss = LabelsOnlyTokenLoss()
+    for policy in (full, cut):
+        policy.set_total_steps(4)
+    for step in range(2):
+        want = full.train_step(make_batch(step), TokenLoss())
+        got = cut.train_step(make_batch(step), loss)
+        assert got == pytest.approx(want, rel=1e-5)
+    # Micro-batches of 3 rows and of 1: logits only at the most labels any row has, never [b, T, V].
+    batch = make_batch(0)
+    most = [int((batch["labels"][rows] != -100).sum(-1).max()) for rows in (slice(0, 3), slice(3, 4))]
+    assert [shape for shape, _ in loss.shapes[:2]] == [(3, most[0], 128), (1, most[1], 128)]
+    assert sum(n for _, n in loss.shapes[:2]) == int((batch["labels"] != -100).sum())  # every label kept once
+    reference = full_weights(full)
+    for name, w in full_weights(cut).items():
+        torch.testing.assert_close(w, reference[name], rtol=0, atol=1e-5, msg=name)
+    held_out = make_batch(9)
+    assert cut.eval_step(held_out, loss) == pytest.approx(full.eval_step(held_out, TokenLoss()), rel=1e-5)
+
+
+def test_label_positions_keep_order_and_fill_short_rows():
+    labels = torch.tensor([[-100, 5, 6, -100, 7], [-100, -100, -100, 9, -100], [-100] * 5])
+    positions = label_positions(labels)
+    assert positions.tolist() == [[1, 2, 4], [3, 0, 1], [0, 1, 2]]
+    cut = at_positions({"tokens": torch.arange(15).reshape(3, 5), "labels": labels, "ref": torch.ones(3),
+                        "values": torch.arange(30.0).reshape(3, 5, 2)}, positions)
+    assert cut["labels"].tolist() == [[5, 6, 7], [9, -100, -100], [-100, -100, -100]]
+    assert cut["tokens"].tolist() == [[1, 2, 4], [8, 5, 6], [10, 11, 12]]
+    assert cut["values"][0].tolist() == [[2.0, 3.0], [4.0, 5.0], [8.0, 9.0]]
+    assert cut["ref"].tolist() == [1.0, 1.0, 1.0]  # not per token: unchanged
 
 
 def test_batch_without_loss_tokens_gives_zero_not_nan(single_process_mesh):
