@@ -28,6 +28,9 @@ class LossFn(Protocol):
     # ``labels != -100``. The model may then compute the logits of those positions only and call the loss with
     # ``logits [b, K, V]`` and the micro-batch with every per-token tensor (``[b, T, ...]``) taken at the same K
     # positions in order (a row with fewer labels is filled up with label -100).
+    # Optional attribute ``token_level`` (default False): the loss is a sum over tokens that reads only ``tokens``
+    # and ``labels``, so the model may lay a padded micro-batch's rows end to end in one row without padding
+    # (``document_ids``) when that is cheaper; the loss then gets ``[1, S]`` tensors.
 
     def num_units(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """How many units the loss averages over in ``batch`` (a micro-batch): a 0-d tensor,

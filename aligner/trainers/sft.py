@@ -21,6 +21,7 @@ class SFTLoss:
     """Summed token cross-entropy; the wrapper divides by the global number of loss tokens."""
 
     logits_at_labels = True  # the LM head runs on the assistant tokens' positions only (see LossFn)
+    token_level = True  # a sum over tokens: a micro-batch's rows may be laid end to end without padding
 
     def num_units(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return (batch["labels"] != -100).sum()

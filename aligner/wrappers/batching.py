@@ -104,3 +104,34 @@ def at_positions(mb: dict[str, Any], positions: torch.Tensor) -> dict[str, Any]:
         return v.gather(1, index)
 
     return {k: take(v) for k, v in mb.items()}
+
+
+# Keys a micro-batch may hold for its rows to be laid end to end: nothing else is per row.
+PACKABLE_KEYS = frozenset({"tokens", "labels", "attention_mask", "position_ids"})
+
+
+def packing_pays(lengths: torch.Tensor, padded_len: int, layer_params: int, attention_width: int) -> bool:
+    """Whether one padding-free row of all ``lengths`` costs a layer fewer FLOPs than ``len(lengths)`` rows
+    padded to ``padded_len``: each token costs ``2 * layer_params`` in the matmuls, each query-key pair
+    ``4 * attention_width`` in attention (SDPA with a mask computes every pair, masked or not). Packing removes
+    the padding's matmuls but attends over the whole packed row, so it pays for short, uneven rows only."""
+    b, S = lengths.numel(), int(lengths.sum())
+    per_token, per_pair = 2 * layer_params, 4 * attention_width
+    return S * per_token + S * S * per_pair < b * padded_len * (per_token + padded_len * per_pair)
+
+
+def pack_rows(mb: dict[str, Any]) -> dict[str, Any]:
+    """A padded micro-batch (keys in :data:`PACKABLE_KEYS`) as one row without padding: ``[1, S]`` tokens
+    and labels, ``document_ids`` (which row each token came from) and each row's own positions. A causal
+    model gives every token what it gave it in its padded row, and labels never cross rows (the last real
+    token of a row has none), so a token-level loss is unchanged."""
+    real = mb["attention_mask"].bool()  # [b, T]
+    lengths = real.sum(-1)
+    positions = mb.get("position_ids")
+    if positions is None:
+        positions = torch.cat([torch.arange(int(n), device=real.device) for n in lengths])
+    else:
+        positions = positions[real]
+    documents = torch.repeat_interleave(torch.arange(real.shape[0], device=real.device), lengths)
+    return {"tokens": mb["tokens"][real][None], "labels": mb["labels"][real][None],
+            "document_ids": documents[None], "position_ids": positions[None]}

@@ -37,8 +37,8 @@ from aligner.parallel.pipeline import (
     stages_per_rank,
     tied_embedding_group,
 )
-from aligner.wrappers.batching import (at_positions, label_positions, num_rows, pipeline_runs, split_rows,
-                                       trim_trailing_padding)
+from aligner.wrappers.batching import (PACKABLE_KEYS, at_positions, label_positions, num_rows, pack_rows,
+                                       packing_pays, pipeline_runs, split_rows, trim_trailing_padding)
 from aligner.wrappers.optimizer import LRSchedule, build_optimizer, clip_grad_norm, move_optimizer_state
 from aligner.wrappers.rollout import PolicyRolloutEngine
 
@@ -220,6 +220,10 @@ class PolicyModel:
             return {_LOSS_SUM: _plain(loss_sum).detach().float().reshape(1),
                     **{k: _plain(v).detach().float().reshape(1) for k, v in metrics.items()}}
 
+        # The loss's own forward shortcuts hold here too: sums_of returns sums, not rows.
+        sums_of.logits_at_labels = getattr(loss_fn, "logits_at_labels", False)
+        sums_of.token_level = getattr(loss_fn, "token_level", False)
+
         per_mb = self.forward(batch, sums_of, rows_per_example=group)
         sums = {k: v.sum() for k, v in per_mb.items()}
         return self._reduce_metrics(sums, n_units)
@@ -325,18 +329,36 @@ class PolicyModel:
     def _logits(self, mb: dict[str, Any], loss_fn: Any) -> tuple[torch.Tensor, dict[str, Any]]:
         """The model's output on a micro-batch, and the micro-batch the loss reads beside it.
 
-        A loss that reads logits only where there are labels (``loss_fn.logits_at_labels``) gets the logits
+        A loss that sums over tokens only (``loss_fn.token_level``, e.g. SFT's) may get the rows of a padded
+        micro-batch laid end to end in one row without padding (:func:`pack_rows`), where that costs fewer
+        FLOPs (:func:`packing_pays`). A loss that reads logits only where there are labels
+        (``loss_fn.logits_at_labels``) gets the logits
         of those positions ``[b, K, V]`` and the micro-batch cut to the same positions: the final norm and
         the LM head then skip the prompt, most of a preference row, and no ``[b, T, V]`` tensor is made.
         Under tensor parallelism the hidden states are sequence-sharded DTensors and the full logits are
         computed as before.
         """
+        if getattr(loss_fn, "token_level", False) and self._packs(mb):
+            mb = pack_rows(mb)
         inputs = _model_inputs(mb)
         if (getattr(loss_fn, "logits_at_labels", False) and self.pmesh.dims.tp == 1 and not self.value_head
                 and "labels" in mb):
             positions = label_positions(mb["labels"])  # [b, K]
             return self.model(mb["tokens"], **inputs, logit_positions=positions), at_positions(mb, positions)
         return self.model(mb["tokens"], **inputs), mb
+
+    def _packs(self, mb: dict[str, Any]) -> bool:
+        """Whether to lay a padded micro-batch's rows end to end (one process or FSDP: TP's sequence sharding
+        and PP's fixed stage shapes keep the padded rows)."""
+        if self.pmesh.dims.tp > 1 or self.pp_size > 1 or self.value_head or "attention_mask" not in mb:
+            return False
+        if not set(mb) <= PACKABLE_KEYS or mb["tokens"].shape[0] < 2:
+            return False
+        c = self.config
+        layer_params = (c.hidden_size * c.head_dim * (c.num_attention_heads * 2 + c.num_key_value_heads * 2)
+                        + 3 * c.hidden_size * c.intermediate_size)
+        lengths = mb["attention_mask"].sum(-1)
+        return packing_pays(lengths, mb["tokens"].shape[1], layer_params, c.num_attention_heads * c.head_dim)
 
     def _to_device(self, mb: dict[str, Any]) -> dict[str, Any]:
         return {k: v.to(self.device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in mb.items()}

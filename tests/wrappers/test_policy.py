@@ -13,7 +13,7 @@ from aligner.models import Transformer, config_from_hf
 from aligner.config import architecture_dict
 from aligner.parallel import seeded_init_
 from aligner.wrappers import PolicyModel, build_optimizer, lr_at
-from aligner.wrappers.batching import at_positions, label_positions
+from aligner.wrappers.batching import at_positions, label_positions, pack_rows, packing_pays
 from aligner.wrappers.optimizer import optimizer_state_devices
 
 
@@ -223,6 +223,51 @@ def test_logits_at_labels_only_trains_exactly_like_full_logits(single_process_me
         torch.testing.assert_close(w, reference[name], rtol=0, atol=1e-5, msg=name)
     held_out = make_batch(9)
     assert cut.eval_step(held_out, loss) == pytest.approx(full.eval_step(held_out, TokenLoss()), rel=1e-5)
+
+
+class PackedTokenLoss(LabelsOnlyTokenLoss):
+    """A token-level loss: the model may lay a micro-batch's rows end to end without padding."""
+
+    token_level = True
+
+    def __call__(self, logits, batch):
+        nll, _ = super().__call__(logits, batch)
+        return nll, {"nll": nll.detach()}  # TokenLoss's "rows" counts rows, which packing changes
+
+
+def test_token_level_loss_packs_rows_without_padding_and_trains_the_same(single_process_mesh):
+    padded = PolicyModel(job_config(micro_batch_size=4), single_process_mesh)
+    packed = PolicyModel(job_config(micro_batch_size=4), single_process_mesh)
+    loss = PackedTokenLoss()
+    for policy in (padded, packed):
+        policy.set_total_steps(4)
+    for step in range(2):
+        want = padded.train_step(make_batch(step), TokenLoss())
+        got = packed.train_step(make_batch(step), loss)
+        assert got["loss"] == pytest.approx(want["loss"], rel=1e-5)
+        assert got["nll"] == pytest.approx(want["nll"], rel=1e-5)
+        assert got["grad_norm"] == pytest.approx(want["grad_norm"], rel=1e-5)
+    # Rows of 16, 5, 11 and 8 tokens: one row of 40 (not 4 x 16), logits at its labels only.
+    batch = make_batch(0)
+    assert loss.shapes[0] == ((1, int((batch["labels"] != -100).sum()), 128), int((batch["labels"] != -100).sum()))
+    reference = full_weights(padded)
+    for name, w in full_weights(packed).items():
+        torch.testing.assert_close(w, reference[name], rtol=0, atol=1e-5, msg=name)
+
+
+def test_packing_pays_for_short_uneven_rows_only():
+    # SmolLM2's layer: 3.54 M matmul weights, attention 576 wide.
+    layer, width = 3_538_944, 576
+    assert packing_pays(torch.tensor([16, 5, 11, 8]), 16, layer, width)  # 40 tokens instead of 64
+    assert not packing_pays(torch.tensor([16, 16, 16, 16]), 16, layer, width)  # no padding to remove
+    # 8 rows of 4096 with 10% padding: packing saves 10% of the matmuls but attends over 29,500 tokens.
+    assert not packing_pays(torch.tensor([3686] * 8), 4096, layer, width)
+    rows = {"tokens": torch.tensor([[1, 2, 3, 0], [4, 5, 0, 0]]), "labels": torch.tensor([[2, 3, -100, -100],
+                                                                                           [5, -100, -100, -100]]),
+            "attention_mask": torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]])}
+    one = pack_rows(rows)
+    assert one["tokens"].tolist() == [[1, 2, 3, 4, 5]] and one["labels"].tolist() == [[2, 3, -100, 5, -100]]
+    assert one["document_ids"].tolist() == [[0, 0, 0, 1, 1]] and one["position_ids"].tolist() == [[0, 1, 2, 0, 1]]
 
 
 def test_label_positions_keep_order_and_fill_short_rows():
