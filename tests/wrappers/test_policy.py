@@ -203,16 +203,23 @@ class LabelsOnlyTokenLoss(TokenLoss):
         return super().__call__(logits, batch)
 
 
-def test_logits_at_labels_only_trains_exactly_like_full_logits(single_process_mesh):
-    full = PolicyModel(job_config(micro_batch_size=3), single_process_mesh)
-    cut = PolicyModel(job_config(micro_batch_size=3), single_process_mesh)
-    loss = LabelsOnlyTokenLoss()
-    for policy in (full, cut):
+def train_side_by_side(mesh, micro_batch_size: int, loss, keys=None):
+    """Two identical policies trained 2 steps, one with TokenLoss, one with ``loss``; asserts the step metrics
+    (``keys``, or all) agree to rel 1e-5 and returns the two policies."""
+    plain, other = (PolicyModel(job_config(micro_batch_size=micro_batch_size), mesh) for _ in range(2))
+    for policy in (plain, other):
         policy.set_total_steps(4)
     for step in range(2):
-        want = full.train_step(make_batch(step), TokenLoss())
-        got = cut.train_step(make_batch(step), loss)
-        assert got == pytest.approx(want, rel=1e-5)
+        want = plain.train_step(make_batch(step), TokenLoss())
+        got = other.train_step(make_batch(step), loss)
+        for key in keys or want:
+            assert got[key] == pytest.approx(want[key], rel=1e-5), (step, key)
+    return plain, other
+
+
+def test_logits_at_labels_only_trains_exactly_like_full_logits(single_process_mesh):
+    loss = LabelsOnlyTokenLoss()
+    full, cut = train_side_by_side(single_process_mesh, 3, loss)
     # Micro-batches of 3 rows and of 1: logits only at the most labels any row has, never [b, T, V].
     batch = make_batch(0)
     most = [int((batch["labels"][rows] != -100).sum(-1).max()) for rows in (slice(0, 3), slice(3, 4))]
@@ -236,17 +243,8 @@ class PackedTokenLoss(LabelsOnlyTokenLoss):
 
 
 def test_token_level_loss_packs_rows_without_padding_and_trains_the_same(single_process_mesh):
-    padded = PolicyModel(job_config(micro_batch_size=4), single_process_mesh)
-    packed = PolicyModel(job_config(micro_batch_size=4), single_process_mesh)
     loss = PackedTokenLoss()
-    for policy in (padded, packed):
-        policy.set_total_steps(4)
-    for step in range(2):
-        want = padded.train_step(make_batch(step), TokenLoss())
-        got = packed.train_step(make_batch(step), loss)
-        assert got["loss"] == pytest.approx(want["loss"], rel=1e-5)
-        assert got["nll"] == pytest.approx(want["nll"], rel=1e-5)
-        assert got["grad_norm"] == pytest.approx(want["grad_norm"], rel=1e-5)
+    padded, packed = train_side_by_side(single_process_mesh, 4, loss, keys=("loss", "nll", "grad_norm", "lr"))
     # Rows of 16, 5, 11 and 8 tokens: one row of 40 (not 4 x 16), logits at its labels only.
     batch = make_batch(0)
     assert loss.shapes[0] == ((1, int((batch["labels"] != -100).sum()), 128), int((batch["labels"] != -100).sum()))
