@@ -39,6 +39,7 @@ from aligner.parallel.pipeline import (
 )
 from aligner.wrappers.batching import (PACKABLE_KEYS, at_positions, label_positions, num_rows, pack_rows,
                                        packing_pays, pipeline_runs, split_rows, trim_trailing_padding)
+from aligner.wrappers.embedding_grad import fuse_tied_gradient_accumulation
 from aligner.wrappers.optimizer import LRSchedule, build_optimizer, clip_grad_norm, move_optimizer_state
 from aligner.wrappers.rollout import PolicyRolloutEngine
 
@@ -152,6 +153,8 @@ class PolicyModel:
         self._tied_copies = [s.output.weight for s in self.stages
                              if getattr(s, "pipeline_stage", None) is not None and s.pipeline_stage.tied_embeddings
                              and s.pipeline_stage.is_last and not s.pipeline_stage.is_first]
+        # A tied embedding and LM head add their gradients into .grad themselves (no 113 MB temporaries).
+        self.fused_tied_grad = [fuse_tied_gradient_accumulation(s) for s in self.stages]
         self.optimizer = build_optimizer(self.model.parameters(), job_cfg.optim)
         self.scheduler = LRSchedule(self.optimizer, job_cfg.optim)
         self.optimizer_offload = p.optimizer_offload
