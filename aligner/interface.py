@@ -27,7 +27,10 @@ class LossFn(Protocol):
     # Optional attribute ``logits_at_labels`` (default False): the loss reads logits only where
     # ``labels != -100``. The model may then compute the logits of those positions only and call the loss with
     # ``logits [b, K, V]`` and the micro-batch with every per-token tensor (``[b, T, ...]``) taken at the same K
-    # positions in order (a row with fewer labels is filled up with label -100).
+    # positions in order (a row with fewer labels is filled up with label -100), plus ``logit_positions [b, K]``
+    # (where in the row each was), for a no-grad ``fn`` that puts per-token results back in ``[b, T]`` layout.
+    # Optional attribute ``examples_per_row`` (default 1): each row holds this many examples (GRPO's samples of
+    # one prompt sharing its prefix); a micro-batch then takes ``max(1, micro_batch_size // examples_per_row)`` rows.
     # Optional attribute ``token_level`` (default False): the loss is a sum over tokens that reads only ``tokens``
     # and ``labels``, so the model may lay a padded micro-batch's rows end to end in one row without padding
     # (``document_ids``) when that is cheaper; the loss then gets ``[1, S]`` tensors.

@@ -154,6 +154,9 @@ class GRPOConfig:
     num_iterations: int = 1  # passes over each rollout batch
     num_mini_batches: int = 1  # optimizer steps per pass
     max_completion_length: int = 256
+    # The samples of a prompt trained as one row, [prompt | sample 1 | ... | sample G], so the prompt runs once
+    # (loss_type token_mean, no pipeline parallelism; see docs/algorithms/grpo.md). false: one row per sample.
+    shared_prompt: bool = True
     temperature: float = 1.0
     missing_eos_penalty: Optional[float] = None
     num_sample_generations: int = 10

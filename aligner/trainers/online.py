@@ -40,8 +40,15 @@ from aligner.models.fetch import resolve_model_path
 from aligner.models.tokenizer import load_tokenizer
 from aligner.parallel.collectives import sum_over
 from aligner.trainers.loop import Hooks, SamplerBatches, run_training, start_run, total_steps_of
-from aligner.trainers.online_batch import build_prompt_data, response_texts, rollout_batch
-from aligner.trainers.online_losses import PolicyGradientLoss, ValueLoss, rollout_logprob_sums, scaled_token_logprobs
+from aligner.trainers.online_batch import (
+    build_prompt_data,
+    from_group_layout,
+    group_rows,
+    response_texts,
+    rollout_batch,
+    to_group_layout,
+)
+from aligner.trainers.online_losses import PolicyGradientLoss, TokenLogps, ValueLoss, rollout_logprob_sums
 from aligner.trainers.reference import SwappedReference
 from aligner.trainers.reward_functions import RewardFunctions
 from aligner.wrappers import PolicyModel
@@ -182,18 +189,25 @@ def train_online(algorithm: str, cfg) -> dict[str, float]:
         value_fn = ValueLoss(cliprange_value=a.cliprange_value, vf_coef=a.vf_coef)
     eos_ids = [tokenizer.eos_id]
     skip_old_pass = old_from_training_forward(s)
+    # GRPO's samples of one prompt share it: one row per prompt, the prompt run once (online_batch.group_rows).
+    # Token-mean only, as other aggregations count rows; no pipeline parallelism (fixed stage shapes).
+    grouped_rows = (algorithm == "grpo" and a.shared_prompt and a.loss_type == "token_mean" and policy.pp_size == 1)
+    per_row = s.k if grouped_rows else 1
     loss_fn = PolicyGradientLoss(
         temperature=s.temperature, cliprange=s.cliprange, cliprange_high=s.cliprange_high,
         sequence_level=s.sequence_level, aggregation=getattr(a, "loss_type", "token_mean"),
         normaliser=float(s.max_new_tokens), kl_beta=s.kl_coef if algorithm == "grpo" else 0.0,
-        old_from_forward=skip_old_pass)
+        old_from_forward=skip_old_pass, examples_per_row=per_row)
     sampler = ResumableDistributedSampler(len(prompts), policy.dp_rank, policy.dp_size,
                                           cfg.trainer.global_batch_size, seed=cfg.trainer.seed)
     total = total_steps_of(cfg, sampler.steps_per_epoch)
     sample_every = max(1, total // max(1, s.num_sample_generations))
 
-    def logps_of(model_forward, batch) -> torch.Tensor:
-        return model_forward(batch, lambda logits, mb: scaled_token_logprobs(logits, mb["labels"], s.temperature)).cpu()
+    def logps_of(model_forward, batch, grouped) -> torch.Tensor:
+        """Per-token log-probs ``[N, T]`` of the rollout rows ``batch``, computed on ``grouped`` when given."""
+        rows = grouped if grouped is not None else batch
+        logps = model_forward(rows, TokenLogps(s.temperature, rows["labels"].shape[1], per_row)).cpu()
+        return from_group_layout(logps, batch, grouped) if grouped is not None else logps
 
     def score(indices: list[int], rollouts, texts: list[str], batch) -> tuple[torch.Tensor, dict[str, float]]:
         n = len(texts)
@@ -217,6 +231,8 @@ def train_online(algorithm: str, cfg) -> dict[str, float]:
             no_eos = torch.tensor([r != "eos" for r in rollouts.finish_reasons])
             total_score -= s.missing_eos_penalty * no_eos.double()
         return total_score.float(), parts
+
+    generated = {"tokens": float("nan")}  # completion tokens of the last step: train/tokens_per_sec counts them
 
     def step_fn(indices: list[int], step: int) -> dict[str, float]:
         timers: dict[str, float] = {}
@@ -243,15 +259,19 @@ def train_online(algorithm: str, cfg) -> dict[str, float]:
         timers["time/scoring"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         mask = batch["labels"] != -100
+        grouped = None
+        if grouped_rows:
+            grouped = group_rows(batch, [len(p) for p in rollouts.prompt_token_ids], s.k)
+            grouped["engine_logps"] = to_group_layout(batch["engine_logps"], batch, grouped)
         if reference is not None:
             with reference.swapped_in():
-                batch["ref_logps"] = logps_of(policy.forward, batch)
+                batch["ref_logps"] = logps_of(policy.forward, batch, grouped)
         if skip_old_pass:
             # The training forward's own log-probs are the old ones, and the advantages do not depend on them
             # (old_from_training_forward): no KL in the reward, so it is the score alone.
             kl = torch.zeros_like(mask, dtype=torch.float32)
         else:
-            batch["old_logps"] = logps_of(policy.forward, batch)
+            batch["old_logps"] = logps_of(policy.forward, batch, grouped)
             rollout_sums = rollout_logprob_sums(batch["old_logps"], batch)
             kl = (batch["old_logps"] - batch.get("ref_logps", batch["old_logps"])) * mask  # k1 per token
         if critic is not None:
@@ -271,13 +291,18 @@ def train_online(algorithm: str, cfg) -> dict[str, float]:
         timers["time/reference"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         n = len(texts)
+        train_rows = batch
+        if grouped is not None:  # the per-token tensors the loss reads, in the grouped rows
+            train_rows = {**grouped, **{key: to_group_layout(batch[key], batch, grouped)
+                                        for key in ("advantages", "old_logps", "ref_logps") if key in batch}}
         stats: dict[str, float] = {}
         last: dict[str, float] = {}
         generator = torch.Generator().manual_seed(seed + policy.dp_rank)
         for _ in range(s.epochs):
-            order = torch.randperm(n, generator=generator)
+            # Mini-batches of samples, or of whole prompts' groups of samples in the grouped rows.
+            order = torch.randperm(train_rows["tokens"].shape[0], generator=generator)
             for part in order.chunk(s.num_mini_batches):
-                mb = {key: v[part] for key, v in batch.items()}
+                mb = {key: v[part] for key, v in train_rows.items()}
                 last = policy.train_step(mb, loss_fn)
                 if critic is not None:
                     last = {**{f"critic_{k}": v for k, v in critic.train_step(mb, value_fn).items()}, **last}
@@ -326,6 +351,7 @@ def train_online(algorithm: str, cfg) -> dict[str, float]:
         if critic is not None:
             out["loss/value_avg"] = stats["critic_value_loss"]
             out["val/clipfrac_avg"] = stats["critic_vf_clipfrac"]
+        generated["tokens"] = means["rollout/response_length"] * n * policy.dp_size  # the step's, all ranks
         elapsed = sum(timers.values())
         out["eps"] = cfg.trainer.global_batch_size * s.k / elapsed if elapsed > 0 else 0.0
         warn_about_kl(run, step, out)
@@ -337,7 +363,7 @@ def train_online(algorithm: str, cfg) -> dict[str, float]:
         return out
 
     hooks = Hooks(step=step_fn, optimizer_steps_per_step=s.epochs * s.num_mini_batches,
-                  step_tokens=lambda indices: float("nan"), extra_models={"critic": critic} if critic else {})
+                  step_tokens=lambda indices: generated["tokens"], extra_models={"critic": critic} if critic else {})
     if critic is not None:
         critic.set_total_steps(total * s.epochs * s.num_mini_batches)
     return run_training(run, policy, SamplerBatches(sampler), loss_fn, hooks, model_dir=model_dir)

@@ -91,3 +91,65 @@ def response_texts(rollouts: Rollouts, sampling: SamplingParams, tokenizer: Any,
     and cut before a stop string."""
     return [response_text(ids, reason, sampling, tokenizer, eos_ids)
             for ids, reason in zip(rollouts.response_token_ids, rollouts.finish_reasons)]
+
+
+def group_rows(batch: dict[str, torch.Tensor], prompt_lengths: list[int], k: int) -> dict[str, torch.Tensor]:
+    """The rollout rows of ``batch`` (prompt-major: rows ``g * k .. g * k + k - 1`` are the ``k`` samples of
+    prompt ``g``) as one row per prompt: ``[prompt | sample 1 | ... | sample k]``, the prompt run once.
+
+    As in the shared-prompt preference rows (``aligner.data.collate.collate_shared_prompt``), the shared prefix
+    stops one token short of the prompt: its last token starts every branch, since that position predicts the
+    branch's first response token. ``branch_ids`` (0 prefix, j for sample j) keep each sample from attending to
+    the others and ``position_ids`` repeat the sample's own positions, so every label gets the logits its own
+    row gives. Returns ``tokens``, ``labels``, ``attention_mask``, ``position_ids``, ``branch_ids`` and
+    ``sequence_ids`` (the sample's row in ``batch`` at each of its labels, -1 elsewhere) ``[N / k, T']``.
+    """
+    n = batch["tokens"].shape[0]
+    if n % k or len(prompt_lengths) != n:
+        raise ValueError(f"group_rows: {n} rows and {len(prompt_lengths)} prompt lengths for groups of {k}")
+    rows = []
+    for g in range(n // k):
+        first = g * k
+        p = prompt_lengths[first]
+        prefix = batch["tokens"][first, :p - 1]
+        parts = {"tokens": [prefix], "labels": [torch.full_like(prefix, -100)], "position_ids": [torch.arange(p - 1)],
+                 "branch_ids": [torch.zeros_like(prefix)], "sequence_ids": [torch.full_like(prefix, -1)]}
+        for j in range(k):
+            i = first + j
+            if prompt_lengths[i] != p or not torch.equal(batch["tokens"][i, :p - 1], prefix):
+                raise ValueError(f"group_rows: row {i} does not share the prompt of row {first}")
+            end = int(batch["attention_mask"][i].sum())
+            labels = batch["labels"][i, p - 1:end]
+            parts["tokens"].append(batch["tokens"][i, p - 1:end])
+            parts["labels"].append(labels)
+            parts["position_ids"].append(torch.arange(p - 1, end))
+            parts["branch_ids"].append(torch.full_like(labels, j + 1))
+            parts["sequence_ids"].append(torch.where(labels != -100, i, -1))
+        rows.append({key: torch.cat(v) for key, v in parts.items()})
+    width = -(-max(len(r["tokens"]) for r in rows) // 8) * 8
+    pad_id = int(batch["tokens"][batch["attention_mask"] == 0][0]) if bool((batch["attention_mask"] == 0).any()) else 0
+    pads = {"tokens": pad_id, "labels": -100, "position_ids": 0, "branch_ids": 0, "sequence_ids": -1}
+    out = {key: torch.full((len(rows), width), pad, dtype=torch.long) for key, pad in pads.items()}
+    out["attention_mask"] = torch.zeros((len(rows), width), dtype=torch.long)
+    for r, row in enumerate(rows):
+        L = len(row["tokens"])
+        for key, values in row.items():
+            out[key][r, :L] = values
+        out["attention_mask"][r, :L] = 1
+    return out
+
+
+def to_group_layout(values: torch.Tensor, batch: dict[str, torch.Tensor], grouped: dict[str, torch.Tensor]) -> torch.Tensor:
+    """A per-token tensor ``[N, T]`` of the rollout rows (its values at their labels) laid out as ``grouped``
+    (:func:`group_rows`); 0 where there is no label. Both layouts list the labels in the same order (row by row,
+    sample after sample), which is what the boolean-mask assignment relies on."""
+    out = values.new_zeros(grouped["labels"].shape)
+    out[grouped["labels"] != -100] = values[batch["labels"] != -100]
+    return out
+
+
+def from_group_layout(values: torch.Tensor, batch: dict[str, torch.Tensor], grouped: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The inverse of :func:`to_group_layout`: a per-token tensor of the grouped rows back in rollout rows."""
+    out = values.new_zeros(batch["labels"].shape)
+    out[batch["labels"] != -100] = values[grouped["labels"] != -100]
+    return out

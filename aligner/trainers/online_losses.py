@@ -30,6 +30,25 @@ def scaled_token_logprobs(logits: torch.Tensor, labels: torch.Tensor, temperatur
     return torch.where(keep, logp, torch.zeros_like(logp))
 
 
+class TokenLogps:
+    """A no-grad ``fn`` for ``PolicyModel.forward``: each label's log-prob at ``temperature``, ``[b, width]``
+    (0 where there is no label). It reads logits at the labels only (``logits_at_labels``) and puts them back
+    at their ``logit_positions``, so the prompt's LM head and log-softmax are skipped."""
+
+    logits_at_labels = True
+
+    def __init__(self, temperature: float, width: int, examples_per_row: int = 1):
+        self.temperature, self.width, self.examples_per_row = temperature, width, examples_per_row
+
+    def __call__(self, logits: torch.Tensor, mb: dict[str, torch.Tensor]) -> torch.Tensor:
+        logp = scaled_token_logprobs(logits, mb["labels"], self.temperature)
+        positions = mb.get("logit_positions")
+        if positions is None:  # full logits (tensor or pipeline parallel): already [b, T]
+            return logp
+        # Positions are distinct within a row; the fill-up ones carry label -100, so a log-prob of 0.
+        return logp.new_zeros(logp.shape[0], self.width).scatter_(1, positions, logp)
+
+
 def rollout_logprob_sums(logps: torch.Tensor, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Statistics of the policy's log-probs of the rollout tokens, ``logps [N, T]`` (aligned with ``labels``),
     each a sum over the rows (float64, so the loop's per-row means do not depend on how rows were split):
@@ -41,13 +60,24 @@ def rollout_logprob_sums(logps: torch.Tensor, batch: dict[str, torch.Tensor]) ->
     """
     mask = batch["labels"] != -100
     logps = logps.detach().double() * mask
-    lengths = mask.sum(-1).clamp(min=1)
+    per_row = _per_sequence_sums(batch, mask)
+    lengths = per_row(mask.double()).clamp(min=1)
     engine = batch["engine_logps"].to(logps) * mask
-    sums = {"rollout_nll_sum": -logps.sum(), "rollout_mismatch_sum": ((logps - engine).abs().sum(-1) / lengths).sum()}
+    sums = {"rollout_nll_sum": -logps.sum(), "rollout_mismatch_sum": (per_row((logps - engine).abs()) / lengths).sum()}
     if "ref_logps" in batch:
-        kl = (logps - batch["ref_logps"].to(logps) * mask).sum(-1)  # [N]
+        kl = per_row(logps - batch["ref_logps"].to(logps) * mask)  # [N]
         sums["rollout_kl_sum"], sums["rollout_negative_kl_sum"] = kl.sum(), (kl < 0).sum().double()
     return sums
+
+
+def _per_sequence_sums(batch: dict[str, torch.Tensor], mask: torch.Tensor):
+    """A function summing a ``[b, T]`` tensor per sampled sequence: per row, or, for rows that hold several
+    samples (``sequence_ids``, see ``aligner.trainers.online_batch.group_rows``), per sample."""
+    if "sequence_ids" not in batch:
+        return lambda values: values.sum(-1)
+    _, which = torch.unique(batch["sequence_ids"][mask], return_inverse=True)
+    count = int(which.max()) + 1 if which.numel() else 0
+    return lambda values: values.new_zeros(count).index_add_(0, which, values[mask])
 
 
 class PolicyGradientLoss:
@@ -63,10 +93,13 @@ class PolicyGradientLoss:
 
     def __init__(self, *, temperature: float, cliprange: float, cliprange_high: float | None = None,
                  sequence_level: bool = False, aggregation: str = "token_mean", normaliser: float | None = None,
-                 kl_beta: float = 0.0, old_from_forward: bool = False):
+                 kl_beta: float = 0.0, old_from_forward: bool = False, examples_per_row: int = 1):
         self.temperature, self.cliprange, self.cliprange_high = temperature, cliprange, cliprange_high
+        self.examples_per_row = examples_per_row  # > 1: rows of grouped samples (online_batch.group_rows)
         self.sequence_level, self.aggregation, self.normaliser = sequence_level, aggregation, normaliser
         self.kl_beta, self.old_from_forward = kl_beta, old_from_forward
+
+    logits_at_labels = True  # every term is masked by the labels: the LM head runs on the response tokens only
 
     def _mode(self) -> str:
         return "sequence_mean" if self.sequence_level else self.aggregation

@@ -106,6 +106,14 @@ def _rows_per_example(loss_fn: LossFn) -> int:
     return group
 
 
+def _micro_rows(micro_batch_size: int, rows_per_example: int, fn: Any) -> int:
+    """Rows per micro-batch: ``micro_batch_size`` examples of ``rows_per_example`` rows, or, for a loss whose
+    rows each hold several examples (``fn.examples_per_row``, e.g. GRPO's samples of one prompt in one row),
+    as many whole rows as keep to ``micro_batch_size`` examples (at least one)."""
+    per_row = int(getattr(fn, "examples_per_row", 1))
+    return max(1, micro_batch_size * rows_per_example // max(1, per_row))
+
+
 class PolicyModel:
     """A causal LM (``model.path`` checkpoint or ``model.arch`` random init) trained with AdamW at the
     layout of ``job_cfg.parallel``; implements :class:`aligner.interface.Alignable`.
@@ -182,7 +190,7 @@ class PolicyModel:
         self._onload_optimizer_state()
         for stage in self.stages:
             stage.train()
-        rows = self.micro_batch_size * _rows_per_example(loss_fn)
+        rows = _micro_rows(self.micro_batch_size, _rows_per_example(loss_fn), loss_fn)
         micro = split_rows(batch, rows)
         n_units = self._global_units(micro, loss_fn)
         # float32 in the graph (a float64 divisor would promote the backward of the loss scalar).
@@ -321,7 +329,7 @@ class PolicyModel:
                 return _concat([self._runner(n_micro).forward(chunk, fn)
                                 for chunk, n_micro in self._pipeline_runs(batch, rows_per_example)])
             results = []
-            for mb in split_rows(batch, self.micro_batch_size * rows_per_example):
+            for mb in split_rows(batch, _micro_rows(self.micro_batch_size, rows_per_example, fn)):
                 results.append(fn(*self._logits(self._to_device(mb), fn)))
             return _concat(results)
         finally:
@@ -337,7 +345,8 @@ class PolicyModel:
         FLOPs (:func:`packing_pays`). A loss that reads logits only where there are labels
         (``loss_fn.logits_at_labels``) gets the logits
         of those positions ``[b, K, V]`` and the micro-batch cut to the same positions: the final norm and
-        the LM head then skip the prompt, most of a preference row, and no ``[b, T, V]`` tensor is made.
+        the LM head then skip the prompt, most of a preference row, and no ``[b, T, V]`` tensor is made; the
+        cut micro-batch also holds those ``logit_positions``.
         Under tensor parallelism the hidden states are sequence-sharded DTensors and the full logits are
         computed as before.
         """
@@ -347,7 +356,8 @@ class PolicyModel:
         if (getattr(loss_fn, "logits_at_labels", False) and self.pmesh.dims.tp == 1 and not self.value_head
                 and "labels" in mb):
             positions = label_positions(mb["labels"])  # [b, K]
-            return self.model(mb["tokens"], **inputs, logit_positions=positions), at_positions(mb, positions)
+            cut = {**at_positions(mb, positions), "logit_positions": positions}
+            return self.model(mb["tokens"], **inputs, logit_positions=positions), cut
         return self.model(mb["tokens"], **inputs), mb
 
     def _packs(self, mb: dict[str, Any]) -> bool:

@@ -64,3 +64,50 @@ def test_old_logps_missing_is_an_error_that_says_what_to_do():
     logits, batch = rollout_rows()
     with pytest.raises(KeyError, match="old_from_forward=True"):
         PolicyGradientLoss(temperature=1.0, cliprange=0.2)(logits, batch)
+
+
+@pytest.mark.parametrize("kw", [
+    {"aggregation": "token_mean", "kl_beta": 0.1},
+    {"aggregation": "sequence_mean"},
+    {"aggregation": "dr_grpo", "normaliser": 4.0},
+    {"sequence_level": True},
+], ids=["token_mean_kl", "sequence_mean", "dr_grpo", "sequence_level"])
+def test_logits_at_the_labels_give_the_same_loss_metrics_and_gradients(kw):
+    """What PolicyModel hands a ``logits_at_labels`` loss (the response positions' logits and the batch cut to
+    them) gives what the full ``[b, T, V]`` logits give."""
+    from aligner.wrappers.batching import at_positions, label_positions
+
+    logits, batch = rollout_rows(seed=3)
+    batch["old_logps"] = scaled_token_logprobs(logits, batch["labels"], 0.7) + 0.05 * (batch["labels"] != -100)
+    batch["tokens"] = torch.zeros(3, 6, dtype=torch.long)
+    loss = PolicyGradientLoss(temperature=0.7, cliprange=0.2, **kw)
+    assert loss.logits_at_labels
+    full = logits.clone().requires_grad_(True)
+    want_loss, want = loss(full, batch)
+    want_loss.backward()
+    positions = label_positions(batch["labels"])  # [3, 3]: the rows have 3, 1 and 2 labels
+    cut = logits.gather(1, positions[..., None].expand(-1, -1, logits.shape[-1])).clone().requires_grad_(True)
+    got_loss, got = loss(cut, {**at_positions(batch, positions), "logit_positions": positions})
+    got_loss.backward()
+    assert float(got_loss) == pytest.approx(float(want_loss), rel=1e-6)
+    # Sums over 3 instead of 6 positions per row: float32 rounding order only.
+    assert {k: float(v) for k, v in got.items()} == pytest.approx({k: float(v) for k, v in want.items()}, rel=1e-5)
+    grads = torch.zeros_like(logits).scatter_(1, positions[..., None].expand_as(cut), cut.grad)
+    torch.testing.assert_close(grads, full.grad, rtol=1e-5, atol=1e-7)  # and none anywhere else
+    assert float(full.grad.abs().sum()) > 0
+
+
+def test_token_logps_put_the_labels_log_probs_back_in_row_layout():
+    from aligner.trainers.online_losses import TokenLogps
+    from aligner.wrappers.batching import at_positions, label_positions
+
+    logits, batch = rollout_rows(seed=4)
+    batch["tokens"] = torch.zeros(3, 6, dtype=torch.long)
+    fn = TokenLogps(0.7, width=6)
+    want = scaled_token_logprobs(logits, batch["labels"], 0.7)
+    assert torch.equal(fn(logits, batch), want)  # full logits (TP, PP): as they are
+    positions = label_positions(batch["labels"])
+    cut = logits.gather(1, positions[..., None].expand(-1, -1, logits.shape[-1]))
+    got = fn(cut, {**at_positions(batch, positions), "logit_positions": positions})
+    assert got.shape == (3, 6) and torch.equal(got, want)
+    assert int((got != 0).sum()) == 6 and bool((got[batch["labels"] == -100] == 0).all())

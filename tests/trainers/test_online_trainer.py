@@ -194,3 +194,52 @@ def test_ppo_with_a_reward_model_logs_every_metric_and_resumes(tiny_dir, tiny_rm
     r = metrics(resumed)
     for key in ("objective/scores", "loss/policy_avg", "loss/value_avg", "objective/kl"):
         assert r[2][key] == m[2][key], key
+
+
+GROUPED_METRICS = ("objective/scores", "objective/entropy", "objective/kl", "policy/approxkl_avg",
+                   "policy/clipfrac_avg", "loss/policy_avg", "policy/entropy_avg", "val/ratio",
+                   "rollout/logprob_mismatch", "rollout/response_length", "train/grad_norm")
+
+
+@pytest.mark.parametrize("extra", [
+    {},  # the defaults: the training forward's own log-probs are the old ones
+    {"grpo.beta": 0.04, "grpo.num_iterations": 2, "trainer.micro_batch_size": 2},  # reference and old passes
+], ids=["defaults", "reference_old_pass_micro_batches"])
+def test_grpo_grouped_rows_train_like_one_row_per_sample(tiny_dir, prompts, tmp_path, extra):
+    """grpo.shared_prompt (the prompt's samples in one row, the prompt run once) changes no number."""
+    rows, grouped = tmp_path / "rows", tmp_path / "grouped"
+    run("grpo", overrides("grpo", tiny_dir, rows, prompts, **{"grpo.shared_prompt": False, **extra}))
+    run("grpo", overrides("grpo", tiny_dir, grouped, prompts, **extra))
+    a, b = metrics(rows), metrics(grouped)
+    for step in (1, 2):
+        for key in GROUPED_METRICS:
+            assert b[step][key] == pytest.approx(a[step][key], rel=1e-4, abs=1e-5), (step, key)
+    assert a[2]["train/grad_norm"] > 0 and a[2]["objective/entropy"] > 1.0  # real numbers compared
+
+
+def test_group_rows_lays_out_each_prompts_samples_in_one_row():
+    import torch
+
+    from aligner.trainers.online_batch import from_group_layout, group_rows, to_group_layout
+
+    # Two prompts ([5, 6, 7] and [8, 9]) with two samples each, right-padded with 0.
+    tokens = torch.tensor([[5, 6, 7, 10, 11, 0], [5, 6, 7, 12, 0, 0], [8, 9, 13, 14, 15, 0], [8, 9, 16, 0, 0, 0]])
+    attention_mask = (torch.arange(6) < torch.tensor([5, 4, 5, 3])[:, None]).long()
+    labels = torch.full((4, 6), -100)
+    labels[0, 2:4], labels[1, 2], labels[2, 1:4], labels[3, 1] = torch.tensor([10, 11]), 12, torch.tensor([13, 14, 15]), 16
+    batch = {"tokens": tokens, "attention_mask": attention_mask, "labels": labels}
+    g = group_rows(batch, [3, 3, 2, 2], k=2)
+    assert g["tokens"].tolist()[0][:8] == [5, 6, 7, 10, 11, 7, 12, 0]
+    assert g["labels"].tolist()[0][:7] == [-100, -100, 10, 11, -100, 12, -100]
+    assert g["position_ids"].tolist()[0][:7] == [0, 1, 2, 3, 4, 2, 3]
+    assert g["branch_ids"].tolist()[0][:7] == [0, 0, 1, 1, 1, 2, 2]
+    assert g["sequence_ids"].tolist()[0][:7] == [-1, -1, 0, 0, -1, 1, -1]
+    assert g["tokens"].tolist()[1][:7] == [8, 9, 13, 14, 15, 9, 16]
+    assert g["labels"].tolist()[1][:7] == [-100, 13, 14, 15, -100, 16, -100]
+    assert g["attention_mask"].sum(-1).tolist() == [7, 7] and g["tokens"].shape == (2, 8)
+    values = torch.arange(24, dtype=torch.float32).view(4, 6) * (labels != -100)
+    there = to_group_layout(values, batch, g)
+    assert there[0, 2:4].tolist() == [2.0, 3.0] and there[0, 5] == 8.0 and there[1, 1:4].tolist() == [13.0, 14.0, 15.0]
+    assert torch.equal(from_group_layout(there, batch, g), values)
+    with pytest.raises(ValueError, match="does not share the prompt"):
+        group_rows(batch, [3, 3, 2, 2], k=4)
