@@ -261,7 +261,7 @@ def train_online(algorithm: str, cfg) -> dict[str, float]:
         mask = batch["labels"] != -100
         grouped = None
         if grouped_rows:
-            grouped = group_rows(batch, [len(p) for p in rollouts.prompt_token_ids], s.k)
+            grouped = group_rows(batch, [len(p) for p in rollouts.prompt_token_ids], s.k, tokenizer.pad_id)
             grouped["engine_logps"] = to_group_layout(batch["engine_logps"], batch, grouped)
         if reference is not None:
             with reference.swapped_in():

@@ -93,7 +93,8 @@ def response_texts(rollouts: Rollouts, sampling: SamplingParams, tokenizer: Any,
             for ids, reason in zip(rollouts.response_token_ids, rollouts.finish_reasons)]
 
 
-def group_rows(batch: dict[str, torch.Tensor], prompt_lengths: list[int], k: int) -> dict[str, torch.Tensor]:
+def group_rows(batch: dict[str, torch.Tensor], prompt_lengths: list[int], k: int,
+               pad_id: int) -> dict[str, torch.Tensor]:
     """The rollout rows of ``batch`` (prompt-major: rows ``g * k .. g * k + k - 1`` are the ``k`` samples of
     prompt ``g``) as one row per prompt: ``[prompt | sample 1 | ... | sample k]``, the prompt run once.
 
@@ -127,7 +128,6 @@ def group_rows(batch: dict[str, torch.Tensor], prompt_lengths: list[int], k: int
             parts["sequence_ids"].append(torch.where(labels != -100, i, -1))
         rows.append({key: torch.cat(v) for key, v in parts.items()})
     width = -(-max(len(r["tokens"]) for r in rows) // 8) * 8
-    pad_id = int(batch["tokens"][batch["attention_mask"] == 0][0]) if bool((batch["attention_mask"] == 0).any()) else 0
     pads = {"tokens": pad_id, "labels": -100, "position_ids": 0, "branch_ids": 0, "sequence_ids": -1}
     out = {key: torch.full((len(rows), width), pad, dtype=torch.long) for key, pad in pads.items()}
     out["attention_mask"] = torch.zeros((len(rows), width), dtype=torch.long)
@@ -139,7 +139,8 @@ def group_rows(batch: dict[str, torch.Tensor], prompt_lengths: list[int], k: int
     return out
 
 
-def to_group_layout(values: torch.Tensor, batch: dict[str, torch.Tensor], grouped: dict[str, torch.Tensor]) -> torch.Tensor:
+def to_group_layout(values: torch.Tensor, batch: dict[str, torch.Tensor],
+                    grouped: dict[str, torch.Tensor]) -> torch.Tensor:
     """A per-token tensor ``[N, T]`` of the rollout rows (its values at their labels) laid out as ``grouped``
     (:func:`group_rows`); 0 where there is no label. Both layouts list the labels in the same order (row by row,
     sample after sample), which is what the boolean-mask assignment relies on."""
@@ -148,7 +149,8 @@ def to_group_layout(values: torch.Tensor, batch: dict[str, torch.Tensor], groupe
     return out
 
 
-def from_group_layout(values: torch.Tensor, batch: dict[str, torch.Tensor], grouped: dict[str, torch.Tensor]) -> torch.Tensor:
+def from_group_layout(values: torch.Tensor, batch: dict[str, torch.Tensor],
+                      grouped: dict[str, torch.Tensor]) -> torch.Tensor:
     """The inverse of :func:`to_group_layout`: a per-token tensor of the grouped rows back in rollout rows."""
     out = values.new_zeros(batch["labels"].shape)
     out[batch["labels"] != -100] = values[grouped["labels"] != -100]

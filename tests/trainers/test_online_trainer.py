@@ -228,7 +228,7 @@ def test_group_rows_lays_out_each_prompts_samples_in_one_row():
     labels = torch.full((4, 6), -100)
     labels[0, 2:4], labels[1, 2], labels[2, 1:4], labels[3, 1] = torch.tensor([10, 11]), 12, torch.tensor([13, 14, 15]), 16
     batch = {"tokens": tokens, "attention_mask": attention_mask, "labels": labels}
-    g = group_rows(batch, [3, 3, 2, 2], k=2)
+    g = group_rows(batch, [3, 3, 2, 2], k=2, pad_id=0)
     assert g["tokens"].tolist()[0][:8] == [5, 6, 7, 10, 11, 7, 12, 0]
     assert g["labels"].tolist()[0][:7] == [-100, -100, 10, 11, -100, 12, -100]
     assert g["position_ids"].tolist()[0][:7] == [0, 1, 2, 3, 4, 2, 3]
@@ -242,4 +242,4 @@ def test_group_rows_lays_out_each_prompts_samples_in_one_row():
     assert there[0, 2:4].tolist() == [2.0, 3.0] and there[0, 5] == 8.0 and there[1, 1:4].tolist() == [13.0, 14.0, 15.0]
     assert torch.equal(from_group_layout(there, batch, g), values)
     with pytest.raises(ValueError, match="does not share the prompt"):
-        group_rows(batch, [3, 3, 2, 2], k=4)
+        group_rows(batch, [3, 3, 2, 2], k=4, pad_id=0)
