@@ -60,12 +60,12 @@ def rollout_logprob_sums(logps: torch.Tensor, batch: dict[str, torch.Tensor]) ->
     """
     mask = batch["labels"] != -100
     logps = logps.detach().double() * mask
-    per_row = _per_sequence_sums(batch, mask)
-    lengths = per_row(mask.double()).clamp(min=1)
+    per_sequence = _per_sequence_sums(batch, mask)
+    lengths = per_sequence(mask.double()).clamp(min=1)
     engine = batch["engine_logps"].to(logps) * mask
-    sums = {"rollout_nll_sum": -logps.sum(), "rollout_mismatch_sum": (per_row((logps - engine).abs()) / lengths).sum()}
+    sums = {"rollout_nll_sum": -logps.sum(), "rollout_mismatch_sum": (per_sequence((logps - engine).abs()) / lengths).sum()}
     if "ref_logps" in batch:
-        kl = per_row(logps - batch["ref_logps"].to(logps) * mask)  # [N]
+        kl = per_sequence(logps - batch["ref_logps"].to(logps) * mask)  # [N]
         sums["rollout_kl_sum"], sums["rollout_negative_kl_sum"] = kl.sum(), (kl < 0).sum().double()
     return sums
 
@@ -91,6 +91,8 @@ class PolicyGradientLoss:
     :func:`rollout_logprob_sums`.
     """
 
+    logits_at_labels = True  # every term is masked by the labels: the LM head runs on the response tokens only
+
     def __init__(self, *, temperature: float, cliprange: float, cliprange_high: float | None = None,
                  sequence_level: bool = False, aggregation: str = "token_mean", normaliser: float | None = None,
                  kl_beta: float = 0.0, old_from_forward: bool = False, examples_per_row: int = 1):
@@ -98,8 +100,6 @@ class PolicyGradientLoss:
         self.examples_per_row = examples_per_row  # > 1: rows of grouped samples (online_batch.group_rows)
         self.sequence_level, self.aggregation, self.normaliser = sequence_level, aggregation, normaliser
         self.kl_beta, self.old_from_forward = kl_beta, old_from_forward
-
-    logits_at_labels = True  # every term is masked by the labels: the LM head runs on the response tokens only
 
     def _mode(self) -> str:
         return "sequence_mean" if self.sequence_level else self.aggregation
