@@ -80,10 +80,12 @@ class Alignable(Protocol):
         """As :meth:`train_step` without gradients or updates: ``{"loss", <metric> ...}`` normalised the same way."""
         ...
 
-    def forward(self, batch: dict[str, torch.Tensor], fn: Callable[[torch.Tensor, dict], Any]) -> Any:
+    def forward(self, batch: dict[str, torch.Tensor], fn: Callable[[torch.Tensor, dict], Any], *,
+                micro_batch_size: int | None = None) -> Any:
         """No-grad forward in eval mode; ``fn(logits [b, T, V], micro_batch)`` (cut to the labels' positions when
         ``fn.logits_at_labels``, as for a loss) returns per-example tensors
-        (or a dict/tuple of them), concatenated over micro-batches along dim 0: ``[N, ...]``."""
+        (or a dict/tuple of them), concatenated over micro-batches along dim 0: ``[N, ...]``. Micro-batches
+        hold ``micro_batch_size`` examples (None: ``trainer.micro_batch_size``)."""
         ...
 
     def prepare_for_training(self) -> None:

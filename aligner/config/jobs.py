@@ -108,11 +108,12 @@ class PPOConfig:
     whiten_rewards: bool = False
     num_ppo_epochs: int = 4  # passes over each rollout batch
     num_mini_batches: int = 1  # optimizer steps per pass
-    local_rollout_forward_batch_size: int = 64  # sequences per no-grad forward when scoring rollouts
+    local_rollout_forward_batch_size: int = 64  # sequences per no-grad forward (reference, old log-probs, values, RM)
     response_length: int = 53  # max generated tokens
     temperature: float = 0.7
     missing_eos_penalty: Optional[float] = None  # subtracted from the score of a response without EOS
-    stop_token: Optional[str] = None  # "eos" truncates responses at the first EOS
+    stop_token: Optional[str] = None  # "eos": responses end at the first EOS even with generation.ignore_eos
+    stop_token_id: Optional[int] = None  # a token id that ends responses too (not with stop_token)
     num_sample_generations: int = 10  # sample tables logged over the run
     reward_model: ModelConfig = field(default_factory=ModelConfig)  # a model with a value head
     critic: ModelConfig = field(default_factory=ModelConfig)  # path null: initialised from reward_model
@@ -131,9 +132,12 @@ class RLOOConfig:
     num_ppo_epochs: int = 4  # passes over each rollout batch
     num_mini_batches: int = 1  # optimizer steps per pass
     whiten_rewards: bool = False
+    local_rollout_forward_batch_size: int = 64  # sequences per no-grad forward (reference, old log-probs, RM)
     response_length: int = 53  # max generated tokens
     temperature: float = 0.7
     missing_eos_penalty: Optional[float] = None  # subtracted from the score of a response without EOS
+    stop_token: Optional[str] = None  # "eos": responses end at the first EOS even with generation.ignore_eos
+    stop_token_id: Optional[int] = None  # a token id that ends responses too (not with stop_token)
     num_sample_generations: int = 10  # sample tables over the run
     reward_model: ModelConfig = field(default_factory=ModelConfig)  # a model with a value head (optional)
     reward_funcs: list[str] = field(default_factory=list)  # "module:function" or "file.py:function"

@@ -32,7 +32,6 @@ from typing import Any, Sequence
 
 import torch
 from torch import nn
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from aligner.generation.continuous_batching import ContinuousBatch
 from aligner.generation.engine import Rollouts, SamplingParams
@@ -219,18 +218,11 @@ class TorchEngine:
         ``window``: cache positions ``[W]`` to attend over (a dynamic dim: one graph for every length).
         """
         mask = (window[None, :] <= positions[:, None])[:, None, None, :]  # [B, 1, 1, W]
-        with self._attention_kernel():
-            logits = self._forward(tokens[:, None], position_ids=positions[:, None], mask=mask,
-                                   input_pos=CacheWindow(positions[:, None], window.shape[0]))[:, 0]  # [B, V]
+        # One query per row: attention runs as two matmuls (transformer.single_query_attention), not SDPA.
+        logits = self._forward(tokens[:, None], position_ids=positions[:, None], mask=mask,
+                               input_pos=CacheWindow(positions[:, None], window.shape[0]))[:, 0]  # [B, V]
         return self.sample(logits, keys, steps, temperature, top_p, min_new,
                            top_k=top_k, greedy=greedy, suppress_ids=suppress_ids)
-
-    def _attention_kernel(self):
-        # Compiled on CPU, SDPA's math form fuses into the step and beats the CPU flash kernel several
-        # times over for one query per row (bf16 especially); elsewhere keep PyTorch's choice.
-        if self.compile and self.device.type == "cpu":
-            return sdpa_kernel([SDPBackend.MATH])
-        return contextlib.nullcontext()
 
     @staticmethod
     def sample(logits, keys, steps, temperature, top_p, min_new, *, top_k, greedy, suppress_ids):

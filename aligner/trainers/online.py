@@ -82,6 +82,17 @@ class OnlineSettings:
             raise ValueError(f"{algorithm}: {self.k} samples per prompt leaves no baseline; use at least 2")
         self.num_mini_batches, self.temperature = a.num_mini_batches, a.temperature
         self.missing_eos_penalty = a.missing_eos_penalty
+        # The reference OnPolicyConfig's knobs (PPO, RLOO): rows per no-grad forward and the stop token.
+        self.forward_batch_size = getattr(a, "local_rollout_forward_batch_size", None)
+        if self.forward_batch_size is not None and self.forward_batch_size < 1:
+            raise ValueError(f"{algorithm}.local_rollout_forward_batch_size={self.forward_batch_size} must be >= 1")
+        self.stop_token, self.stop_token_id = getattr(a, "stop_token", None), getattr(a, "stop_token_id", None)
+        if self.stop_token not in (None, "eos"):
+            raise ValueError(f"{algorithm}.stop_token='{self.stop_token}' is not null or 'eos'; for another token "
+                             f"set {algorithm}.stop_token_id to its id")
+        if self.stop_token is not None and self.stop_token_id is not None:
+            raise ValueError(f"{algorithm}.stop_token and {algorithm}.stop_token_id exclude each other (as in TRL); "
+                             f"set one of them")
         self.num_sample_generations = a.num_sample_generations
         self.needs_reference = self.kl_coef > 0
         self.sequence_level = algorithm in ("rloo", "reinforce")
@@ -96,6 +107,18 @@ def old_from_training_forward(s: OnlineSettings) -> bool:
     the old log-probs before training starts.
     """
     return s.epochs == 1 and s.num_mini_batches == 1 and not (s.kl_in_reward and s.kl_coef > 0)
+
+
+def stop_settings(s: OnlineSettings, generation: Any, vocab_size: int, model_dir: str) -> tuple[list[int], bool]:
+    """(stop token ids, ignore EOS?) of the rollouts: ``generation.stop_token_ids`` plus the algorithm's
+    ``stop_token_id``; EOS is ignored only with ``generation.ignore_eos`` and no ``stop_token: eos``."""
+    ids = list(generation.stop_token_ids)
+    if s.stop_token_id is not None:
+        if not 0 <= s.stop_token_id < vocab_size:
+            raise ValueError(f"{s.algorithm}.stop_token_id={s.stop_token_id} is not a token id of {model_dir}'s "
+                             f"tokenizer (0 to {vocab_size - 1})")
+        ids.append(int(s.stop_token_id))
+    return ids, bool(generation.ignore_eos) and s.stop_token != "eos"
 
 
 def rollout_statistics(means: dict[str, float], kl_coef: float) -> dict[str, float]:
@@ -161,6 +184,7 @@ def train_online(algorithm: str, cfg) -> dict[str, float]:
     model_dir = str(resolve_model_path(cfg.model.path))
     cfg.model.path = model_dir
     tokenizer = load_tokenizer(model_dir)
+    stop_token_ids, ignore_eos = stop_settings(s, cfg.generation, tokenizer.vocab_size, model_dir)
     prompts = build_prompt_data(cfg.data.train, tokenizer, cfg.trainer.max_seq_len - s.max_new_tokens,
                                 cfg.data.overlong)
     run.print(f"prompts: {prompts.describe()}")
@@ -206,7 +230,8 @@ def train_online(algorithm: str, cfg) -> dict[str, float]:
     def logps_of(model_forward, batch, grouped) -> torch.Tensor:
         """Per-token log-probs ``[N, T]`` of the rollout rows ``batch``, computed on ``grouped`` when given."""
         rows = grouped if grouped is not None else batch
-        logps = model_forward(rows, TokenLogps(s.temperature, rows["labels"].shape[1], per_row)).cpu()
+        logps = model_forward(rows, TokenLogps(s.temperature, rows["labels"].shape[1], per_row),
+                              micro_batch_size=s.forward_batch_size).cpu()
         return from_group_layout(logps, batch, grouped) if grouped is not None else logps
 
     def score(indices: list[int], rollouts, texts: list[str], batch) -> tuple[torch.Tensor, dict[str, float]]:
@@ -223,7 +248,8 @@ def train_online(algorithm: str, cfg) -> dict[str, float]:
                 parts[f"rewards/{name}/mean_sum"] = float(values[finite].sum())
                 parts[f"rewards/{name}/sq_sum"] = float((values[finite] ** 2).sum())
         if reward_model is not None:
-            rm = reward_model.forward(batch, lambda v, mb: last_token_values(v, mb["attention_mask"])).cpu().double()
+            rm = reward_model.forward(batch, lambda v, mb: last_token_values(v, mb["attention_mask"]),
+                                      micro_batch_size=s.forward_batch_size).cpu().double()
             total_score += weights[-1] * rm
             parts["rewards/reward_model/mean_sum"] = float(rm.sum())
             parts["rewards/reward_model/sq_sum"] = float((rm ** 2).sum())
@@ -245,9 +271,9 @@ def train_online(algorithm: str, cfg) -> dict[str, float]:
         seed = (cfg.trainer.seed * 1_000_003 + step) % (1 << 62)
         sampling = SamplingParams(temperature=s.temperature, top_k=cfg.generation.top_k, top_p=cfg.generation.top_p,
                                   max_new_tokens=s.max_new_tokens, min_new_tokens=cfg.generation.min_new_tokens,
-                                  stop_token_ids=list(cfg.generation.stop_token_ids),
+                                  stop_token_ids=stop_token_ids,
                                   stop_strings=list(cfg.generation.stop_strings), n=s.k, seed=seed,
-                                  ignore_eos=cfg.generation.ignore_eos,
+                                  ignore_eos=ignore_eos,
                                   prompt_index_offset=policy.dp_rank * len(indices))
         rollouts = policy.generate([prompts.token_ids[i] for i in indices], sampling)
         policy.finish_inference()
@@ -275,7 +301,8 @@ def train_online(algorithm: str, cfg) -> dict[str, float]:
             rollout_sums = rollout_logprob_sums(batch["old_logps"], batch)
             kl = (batch["old_logps"] - batch.get("ref_logps", batch["old_logps"])) * mask  # k1 per token
         if critic is not None:
-            values = critic.forward(batch, lambda v, mb: _plain(v)[..., 0].float()).cpu() * mask
+            values = critic.forward(batch, lambda v, mb: _plain(v)[..., 0].float(),
+                                    micro_batch_size=s.forward_batch_size).cpu() * mask
             token_rewards = -s.kl_coef * kl
             final_token = (mask.cumsum(-1) == mask.sum(-1, keepdim=True)) & mask  # each row's last response token
             token_rewards = token_rewards + final_token * scores.unsqueeze(-1)

@@ -257,13 +257,16 @@ class PolicyModel:
             dist.all_reduce(total, group=self.pmesh["dp"].get_group())
         return torch.where(total > 0, total, torch.ones_like(total))
 
-    def _pipeline_runs(self, batch: dict[str, Any], group: int = 1) -> list[tuple[dict[str, Any], int]]:
+    def _pipeline_runs(self, batch: dict[str, Any], group: int = 1,
+                       micro_batch_size: int | None = None) -> list[tuple[dict[str, Any], int]]:
         """(rows of one schedule run, its micro-batch count) over the batch; see :func:`pipeline_runs`.
-        The runs are planned in examples of ``group`` rows, so no micro-batch splits an example."""
+        The runs are planned in examples of ``group`` rows, so no micro-batch splits an example;
+        ``micro_batch_size`` examples per micro-batch (None: ``trainer.micro_batch_size``)."""
         n = num_rows(batch)
         if n % group:
             raise ValueError(f"the batch has {n} rows, not a multiple of the {group} rows of each example")
-        runs = pipeline_runs(n // group, self.micro_batch_size, self.job_cfg.parallel.pp_microbatches)
+        runs = pipeline_runs(n // group, micro_batch_size or self.micro_batch_size,
+                             self.job_cfg.parallel.pp_microbatches)
         runs = [(size * group, n_micro) for size, n_micro in runs]
         chunks = split_rows(batch, runs[0][0])
         return [(chunk, n) for chunk, (_, n) in zip(chunks, runs)]
@@ -317,19 +320,24 @@ class PolicyModel:
 
     # ----------------------------------------------------------------- inference
     @torch.no_grad()
-    def forward(self, batch: dict[str, Any], fn: Callable[[torch.Tensor, dict], Any], rows_per_example: int = 1) -> Any:
-        """No-grad eval-mode forward; ``fn(logits, micro_batch)`` per micro-batch of
-        ``trainer.micro_batch_size`` examples of ``rows_per_example`` rows (2 keeps a chosen/rejected pair
-        together), results concatenated along dim 0 (on the model's device)."""
+    def forward(self, batch: dict[str, Any], fn: Callable[[torch.Tensor, dict], Any], rows_per_example: int = 1, *,
+                micro_batch_size: int | None = None) -> Any:
+        """No-grad eval-mode forward; ``fn(logits, micro_batch)`` per micro-batch of ``micro_batch_size``
+        examples (None: ``trainer.micro_batch_size``; e.g. PPO's ``local_rollout_forward_batch_size``) of
+        ``rows_per_example`` rows (2 keeps a chosen/rejected pair together), results concatenated along dim 0
+        (on the model's device)."""
+        if micro_batch_size is not None and micro_batch_size < 1:
+            raise ValueError(f"forward: micro_batch_size={micro_batch_size} must be >= 1")
+        size = micro_batch_size or self.micro_batch_size
         was_training = [s.training for s in self.stages]
         for stage in self.stages:
             stage.eval()
         try:
             if self.pp_size > 1:
                 return _concat([self._runner(n_micro).forward(chunk, fn)
-                                for chunk, n_micro in self._pipeline_runs(batch, rows_per_example)])
+                                for chunk, n_micro in self._pipeline_runs(batch, rows_per_example, size)])
             results = []
-            for mb in split_rows(batch, _micro_rows(self.micro_batch_size, rows_per_example, fn)):
+            for mb in split_rows(batch, _micro_rows(size, rows_per_example, fn)):
                 results.append(fn(*self._logits(self._to_device(mb), fn)))
             return _concat(results)
         finally:

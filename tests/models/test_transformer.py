@@ -171,3 +171,28 @@ def test_qwen2_ignores_sliding_window_unless_enabled():
     cfg = config_from_hf({"model_type": "qwen2", "sliding_window": 4096, "use_sliding_window": False,
                           "hidden_size": 64, "num_attention_heads": 4, "num_key_value_heads": 2})
     assert cfg.sliding_window is None and cfg.attention_bias
+
+
+@pytest.mark.parametrize("n_heads, n_kv", [(9, 3), (4, 4), (8, 1)])
+def test_single_query_attention_equals_sdpa(n_heads, n_kv):
+    """A decode step's attention as two matmuls (query heads of a group stacked) equals SDPA with GQA, with a
+    boolean mask, an additive one and none."""
+    import torch.nn.functional as F
+
+    from aligner.models.transformer import single_query_attention
+
+    g = torch.Generator().manual_seed(0)
+    B, S, D = 3, 11, 16
+    q, k, v = torch.randn(B, n_heads, 1, D, generator=g), torch.randn(B, n_kv, S, D, generator=g), torch.randn(
+        B, n_kv, S, D, generator=g)
+    lengths = torch.tensor([1, 6, 11])  # keys each row may see; row 0 sees only its first
+    keep = (torch.arange(S)[None, :] < lengths[:, None])[:, None, None, :]  # [B, 1, 1, S]
+    additive = torch.zeros(keep.shape).masked_fill(~keep, float("-inf"))
+    for mask in (keep, additive, None):
+        want = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=0.25, enable_gqa=n_heads != n_kv)
+        got = single_query_attention(q, k, v, mask, 0.25)
+        assert got.shape == (B, n_heads, 1, D)
+        assert (got - want).abs().max().item() < 1e-5
+    # Row 0 attends to one key: its output is that key's value, for every head of the group.
+    got = single_query_attention(q, k, v, keep, 0.25)
+    assert torch.allclose(got[0, :, 0], v[0, torch.arange(n_heads) // (n_heads // n_kv), 0], atol=1e-6)

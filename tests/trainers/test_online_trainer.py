@@ -127,6 +127,34 @@ def test_the_old_logprob_forward_is_skipped_only_where_nothing_needs_it(algorith
     assert old_from_training_forward(OnlineSettings(algorithm, getattr(cfg, algorithm))) is skipped
 
 
+@pytest.mark.parametrize("algorithm", ["ppo", "rloo"])
+def test_stop_token_settings_follow_the_reference_config(algorithm):
+    """TRL's stop_token / stop_token_id: ``eos`` keeps the EOS stop even with generation.ignore_eos, an id is
+    one more stop token, the two exclude each other, anything else is an error naming the key."""
+    from aligner.config import load_config
+    from aligner.trainers.online import OnlineSettings, stop_settings
+
+    def settings(*overrides):
+        cfg = load_config(algorithm, list(overrides))
+        return OnlineSettings(algorithm, getattr(cfg, algorithm)), cfg.generation
+
+    s, gen = settings()
+    assert s.forward_batch_size == 64 and stop_settings(s, gen, 100, "m") == ([], False)
+    assert stop_settings(*settings("generation.ignore_eos=true"), 100, "m") == ([], True)
+    assert stop_settings(*settings("generation.ignore_eos=true", f"{algorithm}.stop_token=eos"), 100, "m") == ([], False)
+    s, gen = settings("generation.stop_token_ids=[5]", f"{algorithm}.stop_token_id=7",
+                      f"{algorithm}.local_rollout_forward_batch_size=2")
+    assert stop_settings(s, gen, 100, "m") == ([5, 7], False) and s.forward_batch_size == 2
+    with pytest.raises(ValueError, match=rf"{algorithm}.stop_token_id=7 is not a token id of m's tokenizer \(0 to 6\)"):
+        stop_settings(s, gen, 7, "m")
+    with pytest.raises(ValueError, match=rf"{algorithm}.stop_token='newline' is not null or 'eos'"):
+        settings(f"{algorithm}.stop_token=newline")
+    with pytest.raises(ValueError, match="exclude each other"):
+        settings(f"{algorithm}.stop_token=eos", f"{algorithm}.stop_token_id=2")
+    with pytest.raises(ValueError, match=rf"{algorithm}.local_rollout_forward_batch_size=0 must be >= 1"):
+        settings(f"{algorithm}.local_rollout_forward_batch_size=0")
+
+
 def test_rloo_resume_continues_the_same_trajectory(tiny_dir, prompts, tmp_path):
     common = {"rloo.num_ppo_epochs": 2, "rloo.rloo_k": 2, "trainer.max_steps": 4, "trainer.save_interval": 2}
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
@@ -173,8 +201,10 @@ def tiny_rm(tmp_path_factory) -> Path:
 
 
 def test_ppo_with_a_reward_model_logs_every_metric_and_resumes(tiny_dir, tiny_rm, prompts, tmp_path):
+    # No-grad forwards (reference, values, reward model) in micro-batches of 2 rows, training in one of 4.
     common = {"ppo.reward_model.path": tiny_rm, "ppo.reward_model.arch": "null", "ppo.num_ppo_epochs": 1,
-              "ppo.reward_funcs": "[]", "trainer.max_steps": 2, "trainer.save_interval": 1}
+              "ppo.reward_funcs": "[]", "trainer.max_steps": 2, "trainer.save_interval": 1,
+              "ppo.local_rollout_forward_batch_size": 2}
     out = tmp_path / "ppo"
     run("ppo", overrides("ppo", tiny_dir, out, prompts, **common))
     m = metrics(out)

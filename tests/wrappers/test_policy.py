@@ -114,6 +114,31 @@ def test_eval_step_and_forward(single_process_mesh):
     assert policy.train_step(batch, TokenLoss())["loss"] == pytest.approx(evaluated["loss"], rel=1e-6)
 
 
+def test_forward_micro_batch_size_sets_rows_per_no_grad_forward(single_process_mesh):
+    """PPO's local_rollout_forward_batch_size: a no-grad forward of its own micro-batch size gives the same
+    numbers as trainer.micro_batch_size, in as many forwards as it says."""
+    policy = PolicyModel(job_config(micro_batch_size=3), single_process_mesh)
+    batch = make_batch(0)
+    seen: list[int] = []
+
+    def logprobs(logits, mb):
+        seen.append(logits.shape[0])
+        return torch.log_softmax(logits, -1).gather(-1, mb["tokens"].clamp(min=0)[..., None]).squeeze(-1)
+
+    default = policy.forward(batch, logprobs)
+    assert seen == [3, 1]  # trainer.micro_batch_size: 3 + 1 rows
+    seen.clear()
+    one = policy.forward(batch, logprobs, micro_batch_size=1)
+    assert seen == [1, 1, 1, 1]
+    seen.clear()
+    whole = policy.forward(batch, logprobs, micro_batch_size=64)
+    assert seen == [4]
+    torch.testing.assert_close(one, default, rtol=0, atol=1e-5)
+    torch.testing.assert_close(whole, default, rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match="micro_batch_size=0 must be >= 1"):
+        policy.forward(batch, logprobs, micro_batch_size=0)
+
+
 def test_optimizer_offload_moves_state_and_changes_nothing(single_process_mesh):
     results = {}
     for offload in (False, True):
