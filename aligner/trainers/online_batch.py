@@ -67,23 +67,31 @@ def build_prompt_data(path: str, tokenizer: Any, max_prompt_len: int, overlong: 
 def rollout_batch(rollouts: Rollouts, pad_id: int) -> dict[str, torch.Tensor]:
     """The batch dict of ``rollouts`` (rows in the rollouts' order): ``tokens``, ``attention_mask``, ``labels``
     ``[N, T]`` and ``engine_logps [N, T]`` (the engine's log-prob of each response token, at its label column)."""
-    rows = [list(p) + list(r) for p, r in zip(rollouts.prompt_token_ids, rollouts.response_token_ids)]
-    width = max(len(r) for r in rows)
-    width = -(-width // 8) * 8  # a few shapes rather than one per batch
-    n = len(rows)
-    tokens = torch.full((n, width), pad_id, dtype=torch.long)
-    mask = torch.zeros((n, width), dtype=torch.long)
-    labels = torch.full((n, width), -100, dtype=torch.long)
-    engine = torch.zeros((n, width), dtype=torch.float32)
-    for i, (prompt, response, logps) in enumerate(zip(rollouts.prompt_token_ids, rollouts.response_token_ids,
-                                                      rollouts.logprobs)):
-        p, r = len(prompt), len(response)
-        tokens[i, :p + r] = torch.tensor(rows[i], dtype=torch.long)
-        mask[i, :p + r] = 1
-        if r:
-            labels[i, p - 1:p - 1 + r] = torch.tensor(response, dtype=torch.long)
-            engine[i, p - 1:p - 1 + r] = torch.tensor(logps, dtype=torch.float32)
-    return {"tokens": tokens, "attention_mask": mask, "labels": labels, "engine_logps": engine}
+    rows = []
+    for prompt, response, logps in zip(rollouts.prompt_token_ids, rollouts.response_token_ids, rollouts.logprobs):
+        p = len(prompt)
+        # Response token j is predicted at column p - 1 + j; the prompt and the last position carry no label.
+        rows.append({
+            "tokens": torch.tensor(list(prompt) + list(response), dtype=torch.long),
+            "labels": torch.tensor([-100] * (p - 1) + list(response) + [-100], dtype=torch.long),
+            "engine_logps": torch.tensor([0.0] * (p - 1) + list(logps) + [0.0], dtype=torch.float32),
+        })
+    return pad_rows(rows, {"tokens": pad_id, "labels": -100, "engine_logps": 0.0})
+
+
+def pad_rows(rows: list[dict[str, torch.Tensor]], pads: dict[str, float]) -> dict[str, torch.Tensor]:
+    """Rows of 1-D tensors (``rows[i][key]``, all of row ``i``'s as long as its ``tokens``) right-padded into
+    ``[N, T]`` tensors filled with ``pads[key]``, plus ``attention_mask`` (1 on each row's tokens). ``T`` is the
+    longest row rounded up to a multiple of 8: a few shapes rather than one per batch."""
+    width = -(-max(len(r["tokens"]) for r in rows) // 8) * 8
+    out = {key: torch.full((len(rows), width), pad, dtype=rows[0][key].dtype) for key, pad in pads.items()}
+    out["attention_mask"] = torch.zeros((len(rows), width), dtype=torch.long)
+    for r, row in enumerate(rows):
+        length = len(row["tokens"])
+        for key in pads:
+            out[key][r, :length] = row[key]
+        out["attention_mask"][r, :length] = 1
+    return out
 
 
 def response_texts(rollouts: Rollouts, sampling: SamplingParams, tokenizer: Any, eos_ids: list[int]) -> list[str]:
@@ -127,16 +135,7 @@ def group_rows(batch: dict[str, torch.Tensor], prompt_lengths: list[int], k: int
             parts["branch_ids"].append(torch.full_like(labels, j + 1))
             parts["sequence_ids"].append(torch.where(labels != -100, i, -1))
         rows.append({key: torch.cat(v) for key, v in parts.items()})
-    width = -(-max(len(r["tokens"]) for r in rows) // 8) * 8
-    pads = {"tokens": pad_id, "labels": -100, "position_ids": 0, "branch_ids": 0, "sequence_ids": -1}
-    out = {key: torch.full((len(rows), width), pad, dtype=torch.long) for key, pad in pads.items()}
-    out["attention_mask"] = torch.zeros((len(rows), width), dtype=torch.long)
-    for r, row in enumerate(rows):
-        L = len(row["tokens"])
-        for key, values in row.items():
-            out[key][r, :L] = values
-        out["attention_mask"][r, :L] = 1
-    return out
+    return pad_rows(rows, {"tokens": pad_id, "labels": -100, "position_ids": 0, "branch_ids": 0, "sequence_ids": -1})
 
 
 def to_group_layout(values: torch.Tensor, batch: dict[str, torch.Tensor],
