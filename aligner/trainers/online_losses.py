@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 
 from aligner.algorithms import aggregate_sum, aggregate_units, kl_k3, ppo_policy_loss, value_loss
-from aligner.parallel import token_entropy, token_logprobs
+from aligner.parallel import token_logprobs, token_logprobs_with_entropy
 
 
 def scaled_token_logprobs(logits: torch.Tensor, labels: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -28,6 +28,17 @@ def scaled_token_logprobs(logits: torch.Tensor, labels: torch.Tensor, temperatur
         logits = logits / temperature
     logp = token_logprobs(logits, torch.where(keep, labels, torch.zeros_like(labels)))
     return torch.where(keep, logp, torch.zeros_like(logp))
+
+
+def scaled_logprobs_and_entropy(logits: torch.Tensor, labels: torch.Tensor,
+                                temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`scaled_token_logprobs` and the (detached) entropy of ``softmax(logits / temperature)`` at every
+    position, ``[N, T]`` each, from one pass over the logits."""
+    keep = labels != -100
+    if temperature > 0 and temperature != 1.0:
+        logits = logits / temperature
+    logp, entropy = token_logprobs_with_entropy(logits, torch.where(keep, labels, torch.zeros_like(labels)))
+    return torch.where(keep, logp, torch.zeros_like(logp)), entropy
 
 
 class TokenLogps:
@@ -111,7 +122,7 @@ class PolicyGradientLoss:
     def __call__(self, logits, batch: dict[str, torch.Tensor]):
         labels = batch["labels"]
         mask = labels != -100
-        logp = scaled_token_logprobs(logits, labels, self.temperature)  # [b, T]
+        logp, entropy = scaled_logprobs_and_entropy(logits, labels, self.temperature)  # [b, T] each
         if self.old_from_forward:
             old = logp.detach()
             rollout = rollout_logprob_sums(logp, batch)
@@ -121,8 +132,6 @@ class PolicyGradientLoss:
             raise KeyError("PolicyGradientLoss: the batch has no 'old_logps'; add the rollout policy's log-probs, "
                            "or build the loss with old_from_forward=True when the weights have not changed since "
                            "the rollout")
-        with torch.no_grad():
-            entropy = token_entropy(logits / self.temperature if self.temperature not in (0, 1.0) else logits)
         if self.sequence_level:
             seq_mask = torch.ones(logp.shape[0], 1, dtype=torch.bool, device=logp.device)
             adv = batch["advantages"].to(logp)

@@ -30,6 +30,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.distributed.tensor import DTensor
 
+from aligner.models.transformer import vocab_projection
+
 
 class _TiedHeadMatmul(torch.autograd.Function):
     """``F.linear(h, weight)``; the backward adds ``grad^T @ h`` into ``weight.grad``."""
@@ -75,7 +77,7 @@ def _fused(module: nn.Module) -> bool:
 
 
 def _head_forward(head: nn.Linear, h: torch.Tensor) -> torch.Tensor:
-    return _TiedHeadMatmul.apply(h, head.weight) if _fused(head) else F.linear(h, head.weight)
+    return _TiedHeadMatmul.apply(h, head.weight) if _fused(head) else vocab_projection(h, head.weight)
 
 
 def _lookup_forward(embed: nn.Embedding, ids: torch.Tensor) -> torch.Tensor:

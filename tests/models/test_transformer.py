@@ -196,3 +196,31 @@ def test_single_query_attention_equals_sdpa(n_heads, n_kv):
     # Row 0 attends to one key: its output is that key's value, for every head of the group.
     got = single_query_attention(q, k, v, keep, 0.25)
     assert torch.allclose(got[0, :, 0], v[0, torch.arange(n_heads) // (n_heads // n_kv), 0], atol=1e-6)
+
+
+def test_vocab_projection_in_slices_equals_one_product():
+    """A few tokens through a large head run in vocabulary slices; values, shapes, bias and gradient are those
+    of one ``F.linear``; many tokens take the one product."""
+    import torch.nn.functional as F
+
+    from aligner.models.transformer import HEAD_SLICE_ROWS, LMHead, vocab_projection
+
+    g = torch.Generator().manual_seed(0)
+    V, D = 3 * HEAD_SLICE_ROWS + 5, 32  # an uneven last slice
+    weight, bias = torch.randn(V, D, generator=g), torch.randn(V, generator=g)
+    for h in (torch.randn(16, D, generator=g), torch.randn(4, 1, D, generator=g), torch.randn(200, D, generator=g)):
+        for b in (None, bias):
+            got, want = vocab_projection(h, weight, b), F.linear(h, weight, b)
+            assert got.shape == want.shape == (*h.shape[:-1], V)
+            assert (got - want).abs().max().item() < 1e-5
+    w = weight.clone().requires_grad_()
+    h = torch.randn(16, D, generator=g)
+    vocab_projection(h, w).pow(2).sum().backward()
+    grad = w.grad.clone()
+    w.grad = None
+    F.linear(h, w).pow(2).sum().backward()
+    assert (grad - w.grad).abs().max().item() < 1e-3 * w.grad.abs().max().item()
+    head = LMHead(D, V, bias=False)
+    assert isinstance(head, torch.nn.Linear) and list(head.state_dict()) == ["weight"]
+    model = tiny_model(seed=1, tie_word_embeddings=True)
+    assert isinstance(model.output, LMHead) and model.output.weight is model.tok_embeddings.weight

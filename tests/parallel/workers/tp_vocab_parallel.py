@@ -11,7 +11,8 @@ import torch
 from torch.distributed.tensor import Shard, distribute_tensor
 from torch.distributed.tensor.debug import CommDebugMode
 
-from aligner.parallel import ParallelDims, build_mesh, cross_entropy, init_distributed, token_entropy, token_logprobs
+from aligner.parallel import (ParallelDims, build_mesh, cross_entropy, init_distributed, token_entropy, token_logprobs,
+                              token_logprobs_with_entropy)
 from aligner.parallel.process_exit import end_process
 
 
@@ -47,6 +48,15 @@ def main() -> None:
             "local_vocab": logits.to_local().shape[-1],
             "comms": {str(op): n for op, n in comm.get_comm_counts().items()},
         }
+        fused = distribute_tensor(x["logits"], tp_mesh, [Shard(2)]).requires_grad_()
+        with CommDebugMode() as comm:
+            lp, ent = token_logprobs_with_entropy(fused, x["labels"].clamp(min=0))
+            (lp * x["w_lp"]).sum().backward()
+        results[f"{vocab}_{str(dtype).removeprefix('torch.')}"].update({
+            "fused_logprobs": lp.detach(), "fused_entropy": ent, "fused_entropy_requires_grad": ent.requires_grad,
+            "fused_grad": fused.grad.full_tensor(),
+            "fused_comms": {str(op): n for op, n in comm.get_comm_counts().items()},
+        })
     if rank == 0:
         torch.save(results, out_path)
     end_process()  # barrier, destroy, os._exit: see aligner/parallel/process_exit.py
