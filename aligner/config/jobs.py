@@ -134,6 +134,9 @@ class RLOOConfig:
     whiten_rewards: bool = False
     local_rollout_forward_batch_size: int = 64  # sequences per no-grad forward (reference, old log-probs, RM)
     response_length: int = 53  # max generated tokens
+    # The k samples of a prompt trained as one row, [prompt | sample 1 | ... | sample k], so the prompt runs once
+    # (no pipeline parallelism; see docs/algorithms/grpo.md). false: one row per sample.
+    shared_prompt: bool = True
     temperature: float = 0.7
     missing_eos_penalty: Optional[float] = None  # subtracted from the score of a response without EOS
     stop_token: Optional[str] = None  # "eos": responses end at the first EOS even with generation.ignore_eos
@@ -180,6 +183,9 @@ class ReinforceConfig:
     num_ppo_epochs: int = 1
     num_mini_batches: int = 1
     response_length: int = 128
+    # The k samples of a prompt trained as one row, [prompt | sample 1 | ... | sample k], so the prompt runs once
+    # (no pipeline parallelism; see docs/algorithms/grpo.md). false: one row per sample.
+    shared_prompt: bool = True
     temperature: float = 1.0
     missing_eos_penalty: Optional[float] = None
     num_sample_generations: int = 10

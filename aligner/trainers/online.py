@@ -213,9 +213,12 @@ def train_online(algorithm: str, cfg) -> dict[str, float]:
         value_fn = ValueLoss(cliprange_value=a.cliprange_value, vf_coef=a.vf_coef)
     eos_ids = [tokenizer.eos_id]
     skip_old_pass = old_from_training_forward(s)
-    # GRPO's samples of one prompt share it: one row per prompt, the prompt run once (online_batch.group_rows).
-    # Token-mean only, as other aggregations count rows; no pipeline parallelism (fixed stage shapes).
-    grouped_rows = (algorithm == "grpo" and a.shared_prompt and a.loss_type == "token_mean" and policy.pp_size == 1)
+    # The k samples of one prompt share it: one row per prompt, the prompt run once (online_batch.group_rows).
+    # The sequence-level losses (RLOO, REINFORCE) sum per sample; GRPO only with token_mean, as its other
+    # aggregations count rows. PPO (per-token values) keeps one row per sample; so does pipeline parallelism
+    # (fixed stage shapes).
+    grouped_rows = (getattr(a, "shared_prompt", False) and s.k > 1 and policy.pp_size == 1
+                    and (s.sequence_level or a.loss_type == "token_mean"))
     per_row = s.k if grouped_rows else 1
     loss_fn = PolicyGradientLoss(
         temperature=s.temperature, cliprange=s.cliprange, cliprange_high=s.cliprange_high,

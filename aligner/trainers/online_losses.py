@@ -71,24 +71,43 @@ def rollout_logprob_sums(logps: torch.Tensor, batch: dict[str, torch.Tensor]) ->
     """
     mask = batch["labels"] != -100
     logps = logps.detach().double() * mask
-    per_sequence = _per_sequence_sums(batch, mask)
-    lengths = per_sequence(mask.double()).clamp(min=1)
+    sequences = Sequences(batch, mask)
+    lengths = sequences.sums(mask.double()).clamp(min=1)
     engine = batch["engine_logps"].to(logps) * mask
-    sums = {"rollout_nll_sum": -logps.sum(), "rollout_mismatch_sum": (per_sequence((logps - engine).abs()) / lengths).sum()}
+    sums = {"rollout_nll_sum": -logps.sum(), "rollout_mismatch_sum": (sequences.sums((logps - engine).abs()) / lengths).sum()}
     if "ref_logps" in batch:
-        kl = per_sequence(logps - batch["ref_logps"].to(logps) * mask)  # [N]
+        kl = sequences.sums(logps - batch["ref_logps"].to(logps) * mask)  # [N]
         sums["rollout_kl_sum"], sums["rollout_negative_kl_sum"] = kl.sum(), (kl < 0).sum().double()
     return sums
 
 
-def _per_sequence_sums(batch: dict[str, torch.Tensor], mask: torch.Tensor):
-    """A function summing a ``[b, T]`` tensor per sampled sequence: per row, or, for rows that hold several
-    samples (``sequence_ids``, see ``aligner.trainers.online_batch.group_rows``), per sample."""
-    if "sequence_ids" not in batch:
-        return lambda values: values.sum(-1)
-    _, which = torch.unique(batch["sequence_ids"][mask], return_inverse=True)
-    count = int(which.max()) + 1 if which.numel() else 0
-    return lambda values: values.new_zeros(count).index_add_(0, which, values[mask])
+class Sequences:
+    """The sampled sequences of a ``[b, T]`` batch: one per row, or, for rows that hold several samples
+    (``sequence_ids``, see ``aligner.trainers.online_batch.group_rows``), each sample's labels. ``count`` of them,
+    in row order (grouped: by ``sequence_ids``)."""
+
+    def __init__(self, batch: dict[str, torch.Tensor], mask: torch.Tensor):
+        self.mask, self.which = mask, None
+        if "sequence_ids" in batch:
+            _, self.which = torch.unique(batch["sequence_ids"][mask], return_inverse=True)
+            self.count = int(self.which.max()) + 1 if self.which.numel() else 0
+        else:
+            self.count = mask.shape[0]
+
+    def sums(self, values: torch.Tensor) -> torch.Tensor:
+        """``[count]``: each sequence's sum of ``values [b, T]`` (already 0 off its labels in the one-per-row
+        case; only its labels are read otherwise). Differentiable."""
+        if self.which is None:
+            return values.sum(-1)
+        return values.new_zeros(self.count).index_add_(0, self.which, values[self.mask])
+
+    def value(self, values: torch.Tensor) -> torch.Tensor:
+        """``[count]``: a per-sequence quantity broadcast over its tokens (the advantage), read back: column 0
+        of a ``[b, T]`` row, or the value at a grouped sequence's labels (``[b]`` tensors are per row already)."""
+        if self.which is None:
+            return values[:, 0] if values.dim() == 2 else values
+        return values.new_zeros(self.count).scatter_reduce_(0, self.which, values[self.mask], reduce="amax",
+                                                            include_self=False)
 
 
 class PolicyGradientLoss:
@@ -117,7 +136,9 @@ class PolicyGradientLoss:
 
     def num_units(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         mask = batch["labels"] != -100
-        return aggregate_units(mask, self._mode()) if not self.sequence_level else torch.tensor(float(mask.shape[0]))
+        if self.sequence_level:
+            return torch.tensor(float(Sequences(batch, mask).count))
+        return aggregate_units(mask, self._mode())
 
     def __call__(self, logits, batch: dict[str, torch.Tensor]):
         labels = batch["labels"]
@@ -132,16 +153,17 @@ class PolicyGradientLoss:
             raise KeyError("PolicyGradientLoss: the batch has no 'old_logps'; add the rollout policy's log-probs, "
                            "or build the loss with old_from_forward=True when the weights have not changed since "
                            "the rollout")
-        if self.sequence_level:
-            seq_mask = torch.ones(logp.shape[0], 1, dtype=torch.bool, device=logp.device)
-            adv = batch["advantages"].to(logp)
-            adv = adv[:, :1] if adv.dim() == 2 else adv.unsqueeze(-1)
-            per, stats = ppo_policy_loss((logp * mask).sum(-1, keepdim=True), (old * mask).sum(-1, keepdim=True),
-                                         adv, seq_mask, cliprange=self.cliprange, cliprange_high=self.cliprange_high)
+        if self.sequence_level:  # one unit per sampled sequence, whether rows hold one or several
+            sequences = Sequences(batch, mask)
+            seq_logp, seq_old = sequences.sums(logp * mask)[:, None], sequences.sums(old * mask)[:, None]
+            adv = sequences.value(batch["advantages"].to(logp))[:, None]
+            seq_mask = torch.ones_like(seq_logp, dtype=torch.bool)
+            per, stats = ppo_policy_loss(seq_logp, seq_old, adv, seq_mask, cliprange=self.cliprange,
+                                         cliprange_high=self.cliprange_high)
             loss_sum = per.sum()
             ratio, clipfrac, approxkl = stats["ratio"].sum(-1), stats["clipfrac"].sum(-1), stats["approxkl"].sum(-1)
-            n_tokens = mask.sum(-1).clamp(min=1)
-            ent = (entropy * mask).sum(-1) / n_tokens
+            n_tokens = sequences.sums(mask.to(logp.dtype)).clamp(min=1)
+            ent = sequences.sums(entropy * mask) / n_tokens
             metric = {"ratio": ratio.sum(), "ratio_sq": (ratio ** 2).sum(), "clipfrac": clipfrac.sum(),
                       "approxkl": approxkl.sum(), "entropy": ent.sum(), "policy_loss": per.detach().sum(), **rollout}
             return loss_sum, metric

@@ -111,3 +111,42 @@ def test_token_logps_put_the_labels_log_probs_back_in_row_layout():
     got = fn(cut, {**at_positions(batch, positions), "logit_positions": positions})
     assert got.shape == (3, 6) and torch.equal(got, want)
     assert int((got != 0).sum()) == 6 and bool((got[batch["labels"] == -100] == 0).all())
+
+
+def test_sequence_level_loss_on_grouped_rows_equals_one_row_per_sample():
+    """RLOO / REINFORCE on rows of several samples (group_rows): per-sample sums of the log-probs give the
+    loss, metrics, units and gradients of one row per sample."""
+    from aligner.trainers.online_batch import group_rows, to_group_layout
+
+    # Two prompts ([5, 6, 7] and [8, 9]) with two samples each, right-padded with 0.
+    tokens = torch.tensor([[5, 6, 7, 10, 11, 0], [5, 6, 7, 12, 0, 0], [8, 9, 13, 14, 15, 0], [8, 9, 16, 0, 0, 0]])
+    attention_mask = (torch.arange(6) < torch.tensor([5, 4, 5, 3])[:, None]).long()
+    labels = torch.full((4, 6), -100)
+    labels[0, 2:4], labels[1, 2], labels[2, 1:4], labels[3, 1] = torch.tensor([10, 11]), 12, torch.tensor([13, 14, 15]), 16
+    mask = labels != -100
+    g = torch.Generator().manual_seed(5)
+    batch = {"tokens": tokens, "attention_mask": attention_mask, "labels": labels,
+             "advantages": torch.randn(4, 1, generator=g).expand(4, 6).contiguous(),
+             "engine_logps": torch.randn(4, 6, generator=g).clamp(max=0) * mask}
+    logits = torch.randn(4, 6, 17, generator=g)
+    batch["old_logps"] = scaled_token_logprobs(logits, labels, 0.7) + 0.3 * torch.randn(4, 6, generator=g) * mask
+    grouped = group_rows(batch, [3, 3, 2, 2], k=2, pad_id=0)
+    grouped.update({key: to_group_layout(batch[key], batch, grouped) for key in ("advantages", "old_logps")})
+    gmask = grouped["labels"] != -100
+    g_logits = torch.zeros(*grouped["labels"].shape, 17)
+    g_logits[gmask] = logits[mask]  # each label sees the logits its own row gives (as the model's branches do)
+    for old_from_forward in (False, True):
+        loss = PolicyGradientLoss(temperature=0.7, cliprange=0.2, sequence_level=True,
+                                  old_from_forward=old_from_forward, examples_per_row=2)
+        rows, packed = logits.clone().requires_grad_(), g_logits.clone().requires_grad_()
+        want_loss, want = loss(rows, batch)
+        got_loss, got = loss(packed, {**grouped, "engine_logps": to_group_layout(batch["engine_logps"], batch, grouped)})
+        want_loss.backward()
+        got_loss.backward()
+        assert float(loss.num_units(grouped)) == float(loss.num_units(batch)) == 4.0
+        assert float(got_loss) == pytest.approx(float(want_loss), rel=1e-6) and float(want_loss) != 0.0
+        assert {k: float(v) for k, v in got.items()} == pytest.approx({k: float(v) for k, v in want.items()}, rel=1e-5)
+        torch.testing.assert_close(packed.grad[gmask], rows.grad[mask], rtol=1e-5, atol=1e-7)
+        assert float(rows.grad.abs().sum()) > 0
+        if not old_from_forward:
+            assert abs(float(want["ratio"]) - 4.0) > 0.1  # old log-probs given: the ratios are not all 1

@@ -231,20 +231,26 @@ GROUPED_METRICS = ("objective/scores", "objective/entropy", "objective/kl", "pol
                    "rollout/logprob_mismatch", "rollout/response_length", "train/grad_norm")
 
 
-@pytest.mark.parametrize("extra", [
-    {},  # the defaults: the training forward's own log-probs are the old ones
-    {"grpo.beta": 0.04, "grpo.num_iterations": 2, "trainer.micro_batch_size": 2},  # reference and old passes
-], ids=["defaults", "reference_old_pass_micro_batches"])
-def test_grpo_grouped_rows_train_like_one_row_per_sample(tiny_dir, prompts, tmp_path, extra):
-    """grpo.shared_prompt (the prompt's samples in one row, the prompt run once) changes no number."""
+@pytest.mark.parametrize("algorithm, extra", [
+    ("grpo", {}),  # the defaults: the training forward's own log-probs are the old ones
+    ("grpo", {"grpo.beta": 0.04, "grpo.num_iterations": 2, "trainer.micro_batch_size": 2}),  # reference, old passes
+    # Sequence-level losses: per-sample sums inside the rows; the KL in the reward needs reference and old passes.
+    ("rloo", {"rloo.rloo_k": 4, "rloo.num_ppo_epochs": 2, "trainer.micro_batch_size": 8}),
+    ("reinforce", {"reinforce.num_rollouts_per_prompt": 2, "reinforce.num_ppo_epochs": 1}),
+], ids=["grpo_defaults", "grpo_reference_old_pass_micro_batches", "rloo_kl_two_epochs", "reinforce_kl"])
+def test_grouped_rows_train_like_one_row_per_sample(tiny_dir, prompts, tmp_path, algorithm, extra):
+    """{grpo,rloo,reinforce}.shared_prompt (the prompt's samples in one row, the prompt run once) changes no
+    number."""
     rows, grouped = tmp_path / "rows", tmp_path / "grouped"
-    run("grpo", overrides("grpo", tiny_dir, rows, prompts, **{"grpo.shared_prompt": False, **extra}))
-    run("grpo", overrides("grpo", tiny_dir, grouped, prompts, **extra))
+    run(algorithm, overrides(algorithm, tiny_dir, rows, prompts, **{f"{algorithm}.shared_prompt": False, **extra}))
+    run(algorithm, overrides(algorithm, tiny_dir, grouped, prompts, **extra))
     a, b = metrics(rows), metrics(grouped)
     for step in (1, 2):
         for key in GROUPED_METRICS:
             assert b[step][key] == pytest.approx(a[step][key], rel=1e-4, abs=1e-5), (step, key)
     assert a[2]["train/grad_norm"] > 0 and a[2]["objective/entropy"] > 1.0  # real numbers compared
+    if algorithm != "grpo":  # the KL in the reward came from grouped reference and old forwards
+        assert a[2]["objective/kl"] != 0.0
 
 
 def test_group_rows_lays_out_each_prompts_samples_in_one_row():
