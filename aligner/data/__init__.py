@@ -1,6 +1,6 @@
 """Data pipeline: read and validate records, tokenize SFT chats (loss on assistant tokens), pack, collate,
 cache, and a resumable data-parallel sampler. See docs/data.md."""
-from aligner.data.collate import IGNORE_INDEX, collate, collate_shared_prompt, shift_labels
+from aligner.data.collate import IGNORE_INDEX, collate, collate_shared_prompt, pad_rows, shift_labels
 from aligner.data.dataset import HoldOut, SFTData, build_sft_data, build_sft_datasets, split_records
 from aligner.data.errors import DataError
 from aligner.data.example import TokenizedExample
@@ -12,8 +12,8 @@ from aligner.data.sft import SFTStats, assistant_segments, tokenize_conversation
 
 __all__ = [
     "FORMATS", "IGNORE_INDEX", "ROLES", "DataError", "HoldOut", "ResumableDistributedSampler", "SFTData", "SFTStats",
-    "TokenizedExample", "assistant_segments", "build_sft_data", "build_sft_datasets", "collate", "collate_shared_prompt",
-    "pack_examples",
+    "TokenizedExample", "assistant_segments", "build_sft_data", "build_sft_datasets", "collate",
+    "collate_shared_prompt", "pack_examples", "pad_rows",
     "prompt_messages", "read_records", "sft_messages", "shift_labels", "split_records", "tokenize_conversation",
     "tokenize_sft", "validate_record", "validate_records",
 ]

@@ -24,6 +24,22 @@ def shift_labels(tokens: torch.Tensor, loss_mask: torch.Tensor,
     return labels
 
 
+def pad_rows(rows: list[dict[str, torch.Tensor]], pads: dict[str, float | bool],
+             multiple: int = 1) -> dict[str, torch.Tensor]:
+    """Rows of 1-D tensors (``rows[i][key]``, all of row ``i``'s as long as its ``tokens``) right-padded into
+    ``[N, T]`` tensors of their dtype filled with ``pads[key]``, plus ``attention_mask`` (int64, 1 on each row's
+    tokens). ``T`` is the longest row rounded up to ``multiple``."""
+    width = -(-max(len(r["tokens"]) for r in rows) // multiple) * multiple
+    out = {key: torch.full((len(rows), width), pad, dtype=rows[0][key].dtype) for key, pad in pads.items()}
+    out["attention_mask"] = torch.zeros((len(rows), width), dtype=torch.long)
+    for r, row in enumerate(rows):
+        length = len(row["tokens"])
+        for key in pads:
+            out[key][r, :length] = row[key]
+        out["attention_mask"][r, :length] = 1
+    return out
+
+
 def collate(examples: list[TokenizedExample], pad_id: int, pad_to_multiple_of: int = 1) -> dict[str, torch.Tensor]:
     """Batch dict of ``examples``: right-padded rows, or packed rows (all of one kind).
 
@@ -37,26 +53,19 @@ def collate(examples: list[TokenizedExample], pad_id: int, pad_to_multiple_of: i
     packed = examples[0].document_ids is not None
     if any((e.document_ids is not None) != packed for e in examples):
         raise ValueError("collate got packed rows mixed with unpacked examples; build a batch from one dataset")
-    longest = max(len(e) for e in examples)
-    T = -(-longest // pad_to_multiple_of) * pad_to_multiple_of
-    N = len(examples)
-    tokens = torch.full((N, T), pad_id, dtype=torch.long)
-    loss_mask = torch.zeros(N, T, dtype=torch.bool)
-    real = torch.zeros(N, T, dtype=torch.long)
-    documents = torch.zeros(N, T, dtype=torch.long) if packed else None
-    for i, e in enumerate(examples):
-        L = len(e)
-        tokens[i, :L] = e.input_ids
-        loss_mask[i, :L] = e.loss_mask
-        real[i, :L] = 1
-        if packed:
-            documents[i, :L] = e.document_ids
-            documents[i, L:] = int(e.document_ids.max()) + 1  # rounding-up padding: a document of its own
-    batch = {"tokens": tokens, "labels": shift_labels(tokens, loss_mask, documents)}
+    rows = [{"tokens": e.input_ids.long(), "loss_mask": e.loss_mask,
+             **({"document_ids": e.document_ids.long()} if packed else {})} for e in examples]
+    padded = pad_rows(rows, {"tokens": pad_id, "loss_mask": False, **({"document_ids": 0} if packed else {})},
+                      pad_to_multiple_of)
+    documents = padded.get("document_ids")
+    if packed:
+        for i, e in enumerate(examples):
+            documents[i, len(e):] = int(e.document_ids.max()) + 1  # rounding-up padding: a document of its own
+    batch = {"tokens": padded["tokens"], "labels": shift_labels(padded["tokens"], padded["loss_mask"], documents)}
     if packed:
         batch["document_ids"] = documents
     else:
-        batch["attention_mask"] = real
+        batch["attention_mask"] = padded["attention_mask"]
     return batch
 
 
@@ -90,23 +99,9 @@ def collate_shared_prompt(pairs: list[tuple[TokenizedExample, TokenizedExample]]
         shared = shared_prefix_length(chosen, rejected)
         labels = [shift_labels(e.input_ids[None].long(), e.loss_mask[None])[0] for e in (chosen, rejected)]
         nc, nr = len(chosen), len(rejected)
-        rows.append((torch.cat([chosen.input_ids.long(), rejected.input_ids[shared:].long()]),
-                     torch.cat([labels[0], labels[1][shared:]]),
-                     torch.cat([torch.arange(nc), torch.arange(shared, nr)]),
-                     torch.tensor([0] * shared + [1] * (nc - shared) + [2] * (nr - shared))))
-    longest = max(len(r[0]) for r in rows)
-    T = -(-longest // pad_to_multiple_of) * pad_to_multiple_of
-    N = len(rows)
-    batch = {"tokens": torch.full((N, T), pad_id, dtype=torch.long),
-             "labels": torch.full((N, T), IGNORE_INDEX, dtype=torch.long),
-             "attention_mask": torch.zeros(N, T, dtype=torch.long),
-             "position_ids": torch.zeros(N, T, dtype=torch.long),
-             "branch_ids": torch.zeros(N, T, dtype=torch.long)}
-    for i, (tokens, labels, positions, branches) in enumerate(rows):
-        L = len(tokens)
-        batch["tokens"][i, :L] = tokens
-        batch["labels"][i, :L] = labels
-        batch["attention_mask"][i, :L] = 1
-        batch["position_ids"][i, :L] = positions
-        batch["branch_ids"][i, :L] = branches
-    return batch
+        rows.append({"tokens": torch.cat([chosen.input_ids.long(), rejected.input_ids[shared:].long()]),
+                     "labels": torch.cat([labels[0], labels[1][shared:]]),
+                     "position_ids": torch.cat([torch.arange(nc), torch.arange(shared, nr)]),
+                     "branch_ids": torch.tensor([0] * shared + [1] * (nc - shared) + [2] * (nr - shared))})
+    return pad_rows(rows, {"tokens": pad_id, "labels": IGNORE_INDEX, "position_ids": 0, "branch_ids": 0},
+                    pad_to_multiple_of)

@@ -11,9 +11,11 @@ from typing import Any
 
 import torch
 
-from aligner.data import DataError, read_records, validate_records
+from aligner.data import DataError, pad_rows, read_records, validate_records
 from aligner.generation.cli import prompt_token_ids, response_text
 from aligner.generation.engine import Rollouts, SamplingParams
+
+ROW_MULTIPLE = 8  # rollout rows are padded to a multiple of this: a few shapes rather than one per batch
 
 
 @dataclass
@@ -76,22 +78,7 @@ def rollout_batch(rollouts: Rollouts, pad_id: int) -> dict[str, torch.Tensor]:
             "labels": torch.tensor([-100] * (p - 1) + list(response) + [-100], dtype=torch.long),
             "engine_logps": torch.tensor([0.0] * (p - 1) + list(logps) + [0.0], dtype=torch.float32),
         })
-    return pad_rows(rows, {"tokens": pad_id, "labels": -100, "engine_logps": 0.0})
-
-
-def pad_rows(rows: list[dict[str, torch.Tensor]], pads: dict[str, float]) -> dict[str, torch.Tensor]:
-    """Rows of 1-D tensors (``rows[i][key]``, all of row ``i``'s as long as its ``tokens``) right-padded into
-    ``[N, T]`` tensors filled with ``pads[key]``, plus ``attention_mask`` (1 on each row's tokens). ``T`` is the
-    longest row rounded up to a multiple of 8: a few shapes rather than one per batch."""
-    width = -(-max(len(r["tokens"]) for r in rows) // 8) * 8
-    out = {key: torch.full((len(rows), width), pad, dtype=rows[0][key].dtype) for key, pad in pads.items()}
-    out["attention_mask"] = torch.zeros((len(rows), width), dtype=torch.long)
-    for r, row in enumerate(rows):
-        length = len(row["tokens"])
-        for key in pads:
-            out[key][r, :length] = row[key]
-        out["attention_mask"][r, :length] = 1
-    return out
+    return pad_rows(rows, {"tokens": pad_id, "labels": -100, "engine_logps": 0.0}, ROW_MULTIPLE)
 
 
 def response_texts(rollouts: Rollouts, sampling: SamplingParams, tokenizer: Any, eos_ids: list[int]) -> list[str]:
@@ -135,7 +122,8 @@ def group_rows(batch: dict[str, torch.Tensor], prompt_lengths: list[int], k: int
             parts["branch_ids"].append(torch.full_like(labels, j + 1))
             parts["sequence_ids"].append(torch.where(labels != -100, i, -1))
         rows.append({key: torch.cat(v) for key, v in parts.items()})
-    return pad_rows(rows, {"tokens": pad_id, "labels": -100, "position_ids": 0, "branch_ids": 0, "sequence_ids": -1})
+    return pad_rows(rows, {"tokens": pad_id, "labels": -100, "position_ids": 0, "branch_ids": 0, "sequence_ids": -1},
+                    ROW_MULTIPLE)
 
 
 def to_group_layout(values: torch.Tensor, batch: dict[str, torch.Tensor],

@@ -74,7 +74,8 @@ def rollout_logprob_sums(logps: torch.Tensor, batch: dict[str, torch.Tensor]) ->
     sequences = Sequences(batch, mask)
     lengths = sequences.sums(mask.double()).clamp(min=1)
     engine = batch["engine_logps"].to(logps) * mask
-    sums = {"rollout_nll_sum": -logps.sum(), "rollout_mismatch_sum": (sequences.sums((logps - engine).abs()) / lengths).sum()}
+    sums = {"rollout_nll_sum": -logps.sum(),
+            "rollout_mismatch_sum": (sequences.sums((logps - engine).abs()) / lengths).sum()}
     if "ref_logps" in batch:
         kl = sequences.sums(logps - batch["ref_logps"].to(logps) * mask)  # [N]
         sums["rollout_kl_sum"], sums["rollout_negative_kl_sum"] = kl.sum(), (kl < 0).sum().double()

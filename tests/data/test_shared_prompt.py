@@ -1,7 +1,7 @@
 """collate_shared_prompt on hand-made pairs: what is shared, and what each branch keeps."""
 import torch
 
-from aligner.data import TokenizedExample, collate, collate_shared_prompt
+from aligner.data import TokenizedExample, collate, collate_shared_prompt, pad_rows
 from aligner.data.collate import shared_prefix_length
 
 
@@ -36,3 +36,15 @@ def test_pairs_without_a_common_prompt_keep_two_whole_branches():
     assert batch["branch_ids"].tolist() == [[1, 1, 1, 2, 2, 2], [1, 1, 2, 2, 0, 0]]
     assert batch["position_ids"].tolist() == [[0, 1, 2, 0, 1, 2], [0, 1, 0, 1, 0, 0]]
     assert batch["labels"].tolist() == [[-100, 7, -100, -100, 8, -100], [2, -100, 3, -100, -100, -100]]
+
+
+def test_pad_rows_pads_each_key_with_its_value_to_the_rounded_longest_row():
+    """The one padding routine of collate, collate_shared_prompt and the online rollout rows."""
+    rows = [{"tokens": torch.tensor([5, 6, 7]), "labels": torch.tensor([6, 7, -100]), "w": torch.tensor([0.5, 1.0, 0.0])},
+            {"tokens": torch.tensor([8]), "labels": torch.tensor([-100]), "w": torch.tensor([2.0])}]
+    out = pad_rows(rows, {"tokens": 0, "labels": -100, "w": -1.0}, multiple=4)
+    assert out["tokens"].tolist() == [[5, 6, 7, 0], [8, 0, 0, 0]]
+    assert out["labels"].tolist() == [[6, 7, -100, -100], [-100, -100, -100, -100]]
+    assert out["w"].tolist() == [[0.5, 1.0, 0.0, -1.0], [2.0, -1.0, -1.0, -1.0]] and out["w"].dtype == torch.float32
+    assert out["attention_mask"].tolist() == [[1, 1, 1, 0], [1, 0, 0, 0]] and out["attention_mask"].dtype == torch.long
+    assert pad_rows(rows, {"tokens": 0}, multiple=1)["tokens"].shape == (2, 3)
