@@ -56,6 +56,16 @@ def _log_normaliser(local: torch.Tensor, group) -> torch.Tensor:
     return m + torch.log(s)
 
 
+def _label_logit(x: torch.Tensor, labels: torch.Tensor, vocab_start: int, group):
+    """Each label's logit ``[B, T]`` from the one rank whose vocab slice ``x`` holds it, with the label's index in
+    that slice (0 where not owned) and whether this rank owns it, for the backward's one-hot term."""
+    idx = labels - vocab_start
+    owned = (idx >= 0) & (idx < x.shape[-1])
+    idx = torch.where(owned, idx, torch.zeros_like(idx))
+    label_logit = torch.where(owned, torch.gather(x, -1, idx.unsqueeze(-1)).squeeze(-1), 0.0)
+    return _all_reduce(label_logit, dist.ReduceOp.SUM, group), idx, owned  # exactly one rank contributes
+
+
 class _TokenLogprob(torch.autograd.Function):
     """``log softmax(logits)[label]`` over vocab-sharded logits."""
 
@@ -63,12 +73,7 @@ class _TokenLogprob(torch.autograd.Function):
     def forward(ctx, local, labels, group, vocab_start):
         x = local.float()  # [B, T, V_local]
         lse = _log_normaliser(x, group)  # [B, T]
-        idx = labels - vocab_start
-        owned = (idx >= 0) & (idx < x.shape[-1])
-        idx = torch.where(owned, idx, torch.zeros_like(idx))
-        label_logit = torch.gather(x, -1, idx.unsqueeze(-1)).squeeze(-1)
-        label_logit = torch.where(owned, label_logit, torch.zeros_like(label_logit))
-        _all_reduce(label_logit, dist.ReduceOp.SUM, group)  # exactly one rank contributes
+        label_logit, idx, owned = _label_logit(x, labels, vocab_start, group)
         ctx.save_for_backward(local, lse, idx, owned)
         return label_logit - lse
 
@@ -93,11 +98,7 @@ class _TokenLogprobEntropy(torch.autograd.Function):
         p.div_(s.unsqueeze(-1))  # this rank's slice of softmax(x)
         lse = m + torch.log(s)
         entropy = lse - _all_reduce(torch.linalg.vecdot(p, x), dist.ReduceOp.SUM, group)  # logsumexp - E_p[x]
-        idx = labels - vocab_start
-        owned = (idx >= 0) & (idx < x.shape[-1])
-        idx = torch.where(owned, idx, torch.zeros_like(idx))
-        label_logit = torch.where(owned, torch.gather(x, -1, idx.unsqueeze(-1)).squeeze(-1), 0.0)
-        _all_reduce(label_logit, dist.ReduceOp.SUM, group)  # exactly one rank contributes
+        label_logit, idx, owned = _label_logit(x, labels, vocab_start, group)
         # The backward needs softmax(x): kept when it costs no more memory than the logits themselves;
         # for half-precision logits those are kept instead and the softmax recomputed.
         keep = p if local.dtype == torch.float32 else local
@@ -177,8 +178,7 @@ def token_logprobs_with_entropy(logits: torch.Tensor, labels: torch.Tensor) -> t
     """
     labels = _check_labels(logits, labels)
     local, group, vocab_start = _local_vocab_shard(logits)
-    logp, entropy = _TokenLogprobEntropy.apply(local, labels.long(), group, vocab_start)
-    return logp, entropy
+    return _TokenLogprobEntropy.apply(local, labels.long(), group, vocab_start)
 
 
 def cross_entropy(

@@ -21,24 +21,27 @@ from aligner.algorithms import aggregate_sum, aggregate_units, kl_k3, ppo_policy
 from aligner.parallel import token_logprobs, token_logprobs_with_entropy
 
 
-def scaled_token_logprobs(logits: torch.Tensor, labels: torch.Tensor, temperature: float) -> torch.Tensor:
-    """``log softmax(logits / temperature)`` of each label, ``[N, T]``; 0 where there is no label."""
+def _at_temperature(logits: torch.Tensor, labels: torch.Tensor, temperature: float):
+    """(``logits / temperature``, labels with -100 replaced by a valid id, where the labels are)."""
     keep = labels != -100
     if temperature > 0 and temperature != 1.0:
         logits = logits / temperature
-    logp = token_logprobs(logits, torch.where(keep, labels, torch.zeros_like(labels)))
-    return torch.where(keep, logp, torch.zeros_like(logp))
+    return logits, torch.where(keep, labels, torch.zeros_like(labels)), keep
+
+
+def scaled_token_logprobs(logits: torch.Tensor, labels: torch.Tensor, temperature: float) -> torch.Tensor:
+    """``log softmax(logits / temperature)`` of each label, ``[N, T]``; 0 where there is no label."""
+    logits, labels, keep = _at_temperature(logits, labels, temperature)
+    return torch.where(keep, token_logprobs(logits, labels), 0.0)
 
 
 def scaled_logprobs_and_entropy(logits: torch.Tensor, labels: torch.Tensor,
                                 temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`scaled_token_logprobs` and the (detached) entropy of ``softmax(logits / temperature)`` at every
     position, ``[N, T]`` each, from one pass over the logits."""
-    keep = labels != -100
-    if temperature > 0 and temperature != 1.0:
-        logits = logits / temperature
-    logp, entropy = token_logprobs_with_entropy(logits, torch.where(keep, labels, torch.zeros_like(labels)))
-    return torch.where(keep, logp, torch.zeros_like(logp)), entropy
+    logits, labels, keep = _at_temperature(logits, labels, temperature)
+    logp, entropy = token_logprobs_with_entropy(logits, labels)
+    return torch.where(keep, logp, 0.0), entropy
 
 
 class TokenLogps:
