@@ -6,6 +6,7 @@ outside (``aligner.parallel``). Pipeline stages are made by setting ``tok_embedd
 """
 from __future__ import annotations
 
+import itertools
 import math
 
 import torch
@@ -112,7 +113,7 @@ def vocab_projection(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     if (h.device.type != "cpu" or type(h) is not torch.Tensor or type(weight) not in (torch.Tensor, nn.Parameter)
             or tokens > HEAD_SLICE_MAX_TOKENS or weight.shape[0] <= 2 * HEAD_SLICE_ROWS):
         return F.linear(h, weight, bias)
-    biases = bias.split(HEAD_SLICE_ROWS) if bias is not None else [None] * -(-weight.shape[0] // HEAD_SLICE_ROWS)
+    biases = bias.split(HEAD_SLICE_ROWS) if bias is not None else itertools.repeat(None)
     return torch.cat([F.linear(h, w, b) for w, b in zip(weight.split(HEAD_SLICE_ROWS), biases)], dim=-1)
 
 
