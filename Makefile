@@ -18,8 +18,12 @@ $(STAMP): setup.py pyproject.toml
 	$(PY) -m pip install -q -e '.[test]'
 	touch $(STAMP)
 
+# Two pytest workers, each taking whole files (so a module's multi-process fixture runs once):
+# 13.7 min against 22.3 min for one worker on 2 cores. TEST_WORKERS=0 runs in this process.
+TEST_WORKERS ?= 2
+
 test: install
-	OMP_NUM_THREADS=1 $(PY) -m pytest -q -p no:cacheprovider tests
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -p no:cacheprovider -n $(TEST_WORKERS) --dist loadfile tests
 
 demo: install
 	$(PY) examples/demo.py

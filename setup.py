@@ -24,7 +24,8 @@ setup(
     ],
     extras_require={
         # transformers is only the reference the tests and benchmarks compare against.
-        "test": ["pytest>=8", "transformers>=4.46", "accelerate", "psutil", "pyarrow", "datasets", "tensorboard", "wandb"],
+        "test": ["pytest>=8", "pytest-xdist>=3.5", "transformers>=4.46", "accelerate", "psutil", "pyarrow", "datasets",
+                 "tensorboard", "wandb"],
         "data": ["pyarrow", "datasets"],
         "wandb": ["wandb"],
         "tensorboard": ["tensorboard"],
