@@ -66,6 +66,14 @@ def _label_logit(x: torch.Tensor, labels: torch.Tensor, vocab_start: int, group)
     return _all_reduce(label_logit, dist.ReduceOp.SUM, group), idx, owned  # exactly one rank contributes
 
 
+def _logprob_grad(softmax: torch.Tensor, grad: torch.Tensor, idx: torch.Tensor, owned: torch.Tensor) -> torch.Tensor:
+    """The logits' gradient of ``logp[label]`` times ``grad [B, T]`` on this rank's vocab slice:
+    ``grad * (onehot(label) - softmax)``, computed in place in ``softmax`` (float32, this rank's slice)."""
+    g = softmax.mul_(-grad.unsqueeze(-1))
+    g.scatter_add_(-1, idx.unsqueeze(-1), (grad * owned).unsqueeze(-1))
+    return g
+
+
 class _TokenLogprob(torch.autograd.Function):
     """``log softmax(logits)[label]`` over vocab-sharded logits."""
 
@@ -80,9 +88,7 @@ class _TokenLogprob(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):  # grad [B, T]
         local, lse, idx, owned = ctx.saved_tensors
-        # d logp[label] / d x_v = onehot(label)_v - softmax(x)_v, restricted to this rank's slice.
-        g = torch.exp(local.float() - lse.unsqueeze(-1)).mul_(-grad.unsqueeze(-1))
-        g.scatter_add_(-1, idx.unsqueeze(-1), (grad * owned).unsqueeze(-1))
+        g = _logprob_grad(torch.exp(local.float() - lse.unsqueeze(-1)), grad, idx, owned)
         return g.to(local.dtype), None, None, None
 
 
@@ -109,11 +115,8 @@ class _TokenLogprobEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad, _):
         kept, lse, idx, owned = ctx.saved_tensors
-        if kept.dtype == torch.float32:
-            g = kept.mul(-grad.unsqueeze(-1))
-        else:
-            g = torch.exp(kept.float() - lse.unsqueeze(-1)).mul_(-grad.unsqueeze(-1))
-        g.scatter_add_(-1, idx.unsqueeze(-1), (grad * owned).unsqueeze(-1))
+        softmax = kept.clone() if kept.dtype == torch.float32 else torch.exp(kept.float() - lse.unsqueeze(-1))
+        g = _logprob_grad(softmax, grad, idx, owned)
         return g.to(kept.dtype), None, None, None  # the logits' dtype: softmax is kept only for float32
 
 
